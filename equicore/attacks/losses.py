@@ -1,0 +1,119 @@
+"""Attack losses. Built outside the attack and passed in: ``LOSSES.build(name, adapter=..., labels=..., ...)``
+returns ``loss_fn(x) -> [B]`` that the projected-gradient loop maximises. ``targeted=True`` means ``labels`` are
+the attack's targets and the loss rises as predictions move towards them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from equicore.adapters import TaskAdapter, pixel_cross_entropy
+from equicore.attacks.loop import LossFn
+from equicore.errors import InvalidInputError
+from equicore.registry import LOSSES
+
+
+def _ignore_index(adapter: TaskAdapter) -> int | None:
+    return getattr(adapter, "ignore_index", None) if adapter.task == "segmentation" else None
+
+
+def _reduce(per_element: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Mean per sample over labelled positions (pixels for segmentation)."""
+    if per_element.ndim == 1:
+        return per_element
+    if valid is None:
+        return per_element.flatten(1).mean(1)
+    v = valid.to(per_element.dtype).flatten(1)
+    return (per_element.flatten(1) * v).sum(1) / v.sum(1).clamp_min(1)
+
+
+def _split(logits: torch.Tensor, labels: torch.Tensor, ignore: int | None):
+    """Scores of the labelled class and of the best other class, plus the valid mask."""
+    valid = labels != ignore if ignore is not None else None
+    safe = labels.masked_fill(~valid, 0) if valid is not None else labels
+    true_score = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
+    others = logits.masked_fill(F.one_hot(safe, logits.shape[1]).movedim(-1, 1).bool(), float("-inf"))
+    best_other, best_other_idx = others.max(1)
+    return true_score, best_other, best_other_idx, valid
+
+
+@LOSSES.register("ce", tasks=("classification", "segmentation"))
+def cross_entropy_loss(adapter: TaskAdapter, labels: torch.Tensor, targeted: bool = False) -> LossFn:
+    """Cross-entropy (pixel-wise with ``ignore_index`` for segmentation); negated towards a target."""
+    ignore = _ignore_index(adapter)
+    sign = -1.0 if targeted else 1.0
+
+    def loss_fn(x: torch.Tensor) -> torch.Tensor:
+        logits = adapter.logits(x)
+        if ignore is not None:
+            return sign * pixel_cross_entropy(logits, labels, ignore)
+        return sign * F.cross_entropy(logits, labels, reduction="none")
+
+    return loss_fn
+
+
+@LOSSES.register("cw", tasks=("classification", "segmentation"))
+def cw_margin_loss(adapter: TaskAdapter, labels: torch.Tensor, targeted: bool = False, kappa: float = 0.0) -> LossFn:
+    """Carlini-Wagner margin: untargeted maximises min(max_{j!=y} z_j - z_y, kappa); targeted maximises
+    min(z_t - max_{j!=t} z_j, kappa). Capping at ``kappa`` stops spending budget on already-fooled samples."""
+    if kappa < 0 or not math.isfinite(kappa):
+        raise InvalidInputError(f"cw.kappa: expected a finite value >= 0, got {kappa!r}")
+    ignore = _ignore_index(adapter)
+
+    def loss_fn(x: torch.Tensor) -> torch.Tensor:
+        true_score, best_other, _, valid = _split(adapter.logits(x), labels, ignore)
+        margin = (true_score - best_other) if targeted else (best_other - true_score)
+        return _reduce(margin.clamp(max=kappa), valid)
+
+    return loss_fn
+
+
+class _Probit(torch.autograd.Function):
+    """Phi(m) with the analytic gradient phi(m) * grad_output.
+
+    The official Houdini code returns phi(m) * task_loss from backward and ignores grad_output, so any sign or scale
+    applied to the loss downstream is silently dropped; honouring grad_output keeps the chain rule intact.
+    """
+
+    @staticmethod
+    def forward(ctx, margin: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(margin)
+        return 0.5 * (1.0 + torch.erf(margin / math.sqrt(2.0)))
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (margin,) = ctx.saved_tensors
+        density = torch.exp(-0.5 * margin.pow(2)) / math.sqrt(2.0 * math.pi)
+        return grad_output * density
+
+
+@LOSSES.register("houdini", tasks=("segmentation",))
+def houdini_loss(adapter: TaskAdapter, labels: torch.Tensor, targeted: bool = False) -> LossFn:
+    """Houdini (Cisse et al. 2017): P_{gamma~N(0,1)}[g(y) - g(y_hat) < gamma] * l(y, y_hat) per pixel, i.e. the
+    probit of the score margin times the task loss, averaged over labelled pixels.
+
+    Untargeted: y is the ground truth and y_hat the best-scoring other label, so l(y, y_hat) = 1 (pixel 0-1 loss)
+    and the surrogate is Phi(s_yhat - s_y). Targeted: the margin is taken from the best non-target label towards
+    the target, and the loss rises as the target wins.
+    """
+    if adapter.task != "segmentation":
+        raise InvalidInputError(f"houdini is defined for segmentation, not {adapter.task!r}")
+    ignore = _ignore_index(adapter)
+
+    def loss_fn(x: torch.Tensor) -> torch.Tensor:
+        true_score, best_other, best_idx, valid = _split(adapter.logits(x), labels, ignore)
+        margin = (true_score - best_other) if targeted else (best_other - true_score)
+        task_loss = torch.ones_like(margin)  # l(y, y_hat): the 0-1 loss of the competing label, detached by nature
+        return _reduce(_Probit.apply(margin) * task_loss, valid)
+
+    return loss_fn
+
+
+def build_loss(name: str, adapter: TaskAdapter, labels: torch.Tensor, targeted: bool = False, **params) -> LossFn:
+    tasks = LOSSES.meta(name).get("tasks", ())
+    if tasks and adapter.task not in tasks:
+        raise InvalidInputError(f"attack loss {name!r} is not defined for task {adapter.task!r} (only {list(tasks)})")
+    return LOSSES.build(name, adapter=adapter, labels=labels, targeted=targeted, **params)

@@ -1,0 +1,150 @@
+"""Registered attacks: each is the projected-gradient loop with its step rules and the name of its loss.
+
+``ATTACKS.build("pgd", eps=8, steps=20)`` returns an :class:`Attack`; :func:`run_attack` builds the loss for the
+adapter and labels (outside the attack), picks targets for targeted attacks, and runs the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from equicore.adapters import TaskAdapter
+from equicore.attacks.loop import NORMS, LossFn, projected_gradient
+from equicore.attacks.losses import build_loss
+from equicore.errors import InvalidInputError
+from equicore.registry import ATTACKS, LOSSES
+from equicore.validation import check_batch_match, check_eps
+
+TARGET_MODES = ("next", "least_likely")
+
+
+@dataclass(frozen=True)
+class Attack:
+    """Threat model and step rules. ``eps``/``step_size`` in /255 units."""
+
+    name: str
+    eps: float = 4.0
+    step_size: float = 1.0
+    steps: int = 10
+    norm: str = "linf"
+    random_init: bool = True
+    momentum: float | None = None
+    loss: str = "ce"
+    loss_params: dict[str, Any] = field(default_factory=dict)
+    targeted: bool = False
+    target: str = "next"  # how targets are chosen for targeted attacks: "next", "least_likely" or "class:<k>"
+
+    def __post_init__(self) -> None:
+        check_eps(self.eps, f"{self.name}.eps")
+        check_eps(self.step_size, f"{self.name}.step_size", upper=255.0)
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise InvalidInputError(f"{self.name}.steps: expected an integer >= 1, got {self.steps!r}")
+        if self.norm not in NORMS:
+            raise InvalidInputError(f"{self.name}.norm: expected one of {NORMS}, got {self.norm!r}")
+        if self.momentum is not None and not self.momentum >= 0:
+            raise InvalidInputError(f"{self.name}.momentum: expected >= 0, got {self.momentum!r}")
+        LOSSES.get(self.loss)
+        if self.target not in TARGET_MODES and not self.target.startswith("class:"):
+            raise InvalidInputError(f"{self.name}.target: expected one of {TARGET_MODES} or 'class:<k>'")
+
+    def params(self) -> dict[str, Any]:
+        """Canonical parameters (for cache keys and results tables)."""
+        return dataclasses.asdict(self)
+
+    def perturb(self, x: torch.Tensor, loss_fn: LossFn, seeds: Sequence[int] | torch.Tensor | None) -> torch.Tensor:
+        return projected_gradient(
+            loss_fn,
+            x,
+            eps=self.eps,
+            step_size=self.step_size,
+            steps=self.steps,
+            norm=self.norm,
+            random_init=self.random_init,
+            momentum=self.momentum,
+            seeds=seeds,
+        )
+
+
+@dataclass
+class AttackResult:
+    x_adv: torch.Tensor
+    targets: torch.Tensor | None  # the attack's targets when targeted
+
+
+def make_targets(adapter: TaskAdapter, x: torch.Tensor, y: torch.Tensor, mode: str) -> torch.Tensor:
+    """Targets for a targeted attack; ignored segmentation pixels stay ignored."""
+    num_classes = adapter.num_classes
+    if mode == "least_likely" or num_classes is None:
+        with torch.no_grad():
+            logits = adapter.logits(x)
+        num_classes = logits.shape[1]
+    if mode == "next":
+        t = (y + 1) % num_classes
+    elif mode == "least_likely":
+        t = logits.argmin(1)
+    else:
+        k = int(mode.split(":", 1)[1])
+        if not 0 <= k < num_classes:
+            raise InvalidInputError(f"target class {k} out of range [0, {num_classes})")
+        t = torch.full_like(y, k)
+    ignore = getattr(adapter, "ignore_index", None)
+    if ignore is not None and y.ndim > 1:
+        t = torch.where(y == ignore, y, t)
+    return t
+
+
+def run_attack(
+    attack: Attack,
+    adapter: TaskAdapter,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    seeds: Sequence[int] | torch.Tensor | None = None,
+    loss_fn: LossFn | None = None,
+) -> AttackResult:
+    """Build the attack's loss for this adapter and these labels (unless one is passed), then run the loop."""
+    check_batch_match(x, y)
+    targets = make_targets(adapter, x, y, attack.target) if attack.targeted else None
+    if loss_fn is None:
+        labels = targets if targets is not None else y
+        loss_fn = build_loss(attack.loss, adapter, labels, targeted=attack.targeted, **attack.loss_params)
+    return AttackResult(attack.perturb(x, loss_fn, seeds), targets)
+
+
+def _factory(name: str, **defaults: Any):
+    def build(**params: Any) -> Attack:
+        merged = {**defaults, **params}
+        return Attack(name=name, **merged)
+
+    build.__name__ = f"build_{name}"
+    build.accepted = {f.name for f in dataclasses.fields(Attack)} - {"name"}  # type: ignore[attr-defined]
+    return build
+
+
+_REGISTERED = {
+    # name: (defaults, metadata)
+    "fgsm": dict(steps=1, step_size=4.0, random_init=False),
+    "ifgsm": dict(steps=10, step_size=1.0, random_init=False),
+    "pgd": dict(steps=10, step_size=1.0, random_init=True),
+    "mim": dict(steps=10, step_size=1.0, random_init=False, momentum=1.0),
+    "cw": dict(steps=10, step_size=1.0, random_init=True, loss="cw"),
+    "houdini": dict(steps=10, step_size=1.0, random_init=True, loss="houdini"),
+}
+
+for _name, _defaults in _REGISTERED.items():
+    ATTACKS.register(_name, loss=_defaults.get("loss", "ce"))(_factory(_name, **_defaults))
+
+
+def build_attack(name: str, **params: Any) -> Attack:
+    """``fgsm`` steps once by eps unless told otherwise."""
+    accepted = getattr(ATTACKS.get(name), "accepted", None)
+    unknown = sorted(set(params) - accepted) if accepted else []
+    if unknown:
+        raise InvalidInputError(f"attack {name!r} got unknown parameter(s) {unknown}; it accepts {sorted(accepted)}")
+    if name == "fgsm" and "eps" in params and "step_size" not in params:
+        params = {**params, "step_size": params["eps"]}
+    return ATTACKS.get(name)(**params)

@@ -1,0 +1,378 @@
+"""``equi``: run, resume, inspect, query and report robustness evaluations.
+
+Every command prints one clear line on bad input (exit 2) instead of a traceback; a run with failed shards prints a
+summary and exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(
+    help="equirobust: adversarial robustness evaluation with test-time equivariance defenses (Mao et al. 2023).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_RESULTS = os.environ.get("EQUI_RESULTS_DIR", ".equi/results")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIGS = REPO_ROOT / "configs" / "demo"
+
+ResultsOpt = Annotated[str, typer.Option("--results-dir", "-r", help="results directory (default $EQUI_RESULTS_DIR "
+                                         "or .equi/results)")]
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+        for name in ("distributed", "prefect", "httpx"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _guard(fn, *args, **kwargs):
+    """Run a command body; known errors become one line, not a traceback."""
+    from equicore.errors import EquirobustError
+    from storage.errors import StorageError
+
+    try:
+        return fn(*args, **kwargs)
+    except (EquirobustError, StorageError) as e:
+        _fail(str(e))
+    except FileNotFoundError as e:
+        _fail(f"{e.filename or e}: not found")
+
+
+def _run_with_progress(cfg, quiet: bool):
+    from flows import pipeline
+
+    if quiet or not sys.stderr.isatty():
+        def on_plan(plan):
+            err_console.print(
+                f"{cfg.name}: {len(plan.attack_units)} attack shard(s) and {len(plan.defend_units)} defense shard(s) "
+                f"to compute ({plan.total_defend - len(plan.defend_units)} already done)", highlight=False
+            )
+
+        return pipeline.run(cfg, on_plan=on_plan)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=err_console)
+    bars: dict[str, int] = {}
+
+    def on_plan(plan):
+        bars["attack"] = progress.add_task("attack shards ", total=len(plan.attack_units))
+        bars["defend"] = progress.add_task("defense shards", total=len(plan.defend_units))
+
+    def on_done(kind: str):
+        progress.advance(bars[kind])
+
+    with progress:
+        return pipeline.run(cfg, on_plan=on_plan, on_done=on_done)
+
+
+def _print_summary(summary) -> None:
+    console.print(
+        f"run [bold]{summary.run_id}[/]: {summary.n_samples} samples in {summary.n_shards} shard(s); "
+        f"{summary.computed} unit-shard(s) computed, {summary.skipped} already done, {len(summary.failed)} failed "
+        f"({summary.seconds:.1f} s). Results: {summary.results_dir}",
+        highlight=False,
+    )
+    if summary.failed:
+        t = Table(title="failed shards", show_lines=False)
+        for col in ("unit", "shard", "error"):
+            t.add_column(col)
+        for f in summary.failed:
+            t.add_row(f["unit"], str(f["shard"]), f["error"])
+        console.print(t)
+        console.print(f"Fix the cause, then `equi resume {summary.run_id}` recomputes only these.", highlight=False)
+
+
+def _apply_overrides(cfg, cluster: str | None, workers: int | None, in_process: bool, results_dir: str | None,
+                     cache_dir: str | None):
+    updates_cluster = {}
+    if cluster:
+        updates_cluster["address"] = cluster
+    if workers:
+        updates_cluster["n_workers"] = workers
+    if in_process:
+        updates_cluster["in_process"] = True
+    data = cfg.model_dump(mode="json")
+    data["cluster"].update(updates_cluster)
+    if results_dir:
+        data["results_dir"] = results_dir
+    if cache_dir:
+        data["cache_dir"] = cache_dir
+    from tasks.config import parse_config
+
+    return parse_config(data, "config")
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="run configuration (YAML)")],
+    cluster: Annotated[str | None, typer.Option(help="existing Dask scheduler address, e.g. tcp://host:8786")] = None,
+    workers: Annotated[int | None, typer.Option(help="local Dask workers (default: one per GPU, else per core)")] = None,
+    in_process: Annotated[bool, typer.Option("--in-process", help="no Dask/Prefect: run shards here, in order")] = False,
+    results_dir: Annotated[str | None, typer.Option(help="override the config's results_dir")] = None,
+    cache_dir: Annotated[str | None, typer.Option(help="override the config's cache_dir")] = None,
+    report: Annotated[bool, typer.Option(help="print the report table when done")] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect/Dask logs")] = False,
+) -> None:
+    """Run a config: attack every shard once (cached), defend and score, reduce. Re-running resumes."""
+    _quiet_libraries(verbose)
+    from tasks.config import load_config
+
+    cfg = _guard(load_config, config)
+    cfg = _guard(_apply_overrides, cfg, cluster, workers, in_process, results_dir, cache_dir)
+    summary = _guard(_run_with_progress, cfg, quiet)
+    _print_summary(summary)
+    if report:
+        _print_report(summary.results_dir, summary.run_id, "markdown")
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def resume(
+    run_id: Annotated[str, typer.Argument(help="run id printed by `equi run` (see `equi status`)")],
+    results_dir: ResultsOpt = DEFAULT_RESULTS,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Finish an interrupted or partly failed run: computes only the missing shards."""
+    _quiet_libraries(verbose)
+    from storage import results as R
+    from tasks.config import RunConfig
+
+    manifest = _guard(R.read_run_manifest, results_dir, run_id)
+    cfg = _guard(RunConfig.model_validate, manifest["config"])
+    if cfg.run_id() != run_id:
+        _fail(f"run {run_id}: its manifest's config hashes to {cfg.run_id()} (was it edited by hand?)")
+    summary = _guard(_run_with_progress, cfg, quiet)
+    _print_summary(summary)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    run_id: Annotated[str | None, typer.Argument(help="a run id; omit to list runs")] = None,
+    results_dir: ResultsOpt = DEFAULT_RESULTS,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Shards done / failed / pending, per run or per (attack, defense) of one run."""
+    from flows.pipeline import run_status
+    from storage import results as R
+
+    if run_id is None:
+        runs = _guard(R.list_runs, results_dir)
+        rows = []
+        for rid in runs:
+            st = _guard(run_status, results_dir, rid)
+            units = st["units"]
+            rows.append({"run_id": rid, "status": st["manifest"].get("status"),
+                         "done": sum(u["done"] for u in units), "failed": sum(len(u["failed"]) for u in units),
+                         "pending": sum(u["pending"] for u in units), "updated_at": st["manifest"].get("updated_at")})
+        if as_json:
+            console.print_json(json.dumps(rows))
+            return
+        t = Table(title=f"runs in {results_dir}")
+        for col in ("run_id", "status", "done", "failed", "pending", "updated_at"):
+            t.add_column(col)
+        for r in rows:
+            t.add_row(*(str(r[c]) for c in ("run_id", "status", "done", "failed", "pending", "updated_at")))
+        console.print(t if rows else f"no runs in {results_dir}")
+        return
+    st = _guard(run_status, results_dir, run_id)
+    if as_json:
+        console.print_json(json.dumps(st["units"], default=str))
+        return
+    m = st["manifest"]
+    t = Table(title=f"{run_id} ({m.get('status')}, {m.get('n_samples')} samples, {m.get('n_shards')} shards)")
+    for col in ("attack", "defense", "done", "failed", "pending"):
+        t.add_column(col)
+    for u in st["units"]:
+        t.add_row(u["attack"], u["defense"], str(u["done"]), str(len(u["failed"])), str(u["pending"]))
+    console.print(t)
+    for u in st["units"]:
+        for f in u["failed"]:
+            console.print(f"failed: {u['attack']} / {u['defense']} shard {f['shard']} "
+                          f"(attempts {f.get('attempts')}): {f['error']}", highlight=False)
+
+
+@app.command()
+def query(
+    sql: Annotated[str, typer.Argument(help="DuckDB SQL over the views `results` and `samples` (read-only)")],
+    results_dir: ResultsOpt = DEFAULT_RESULTS,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table, csv or json")] = "table",
+) -> None:
+    """Query results with DuckDB. Views: results (one row per metric), samples (one row per image)."""
+    from storage.query import query as run_query
+
+    table = _guard(run_query, results_dir, sql)
+    rows = table.to_pylist()
+    if fmt == "json":
+        console.print_json(json.dumps(rows, default=str))
+    elif fmt == "csv":
+        import csv
+
+        w = csv.writer(sys.stdout)
+        w.writerow(table.column_names)
+        for r in rows:
+            w.writerow([r[c] for c in table.column_names])
+    else:
+        t = Table()
+        for c in table.column_names:
+            t.add_column(c)
+        for r in rows:
+            t.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.values()))
+        console.print(t)
+
+
+def _print_report(results_dir: str, run_id: str, fmt: str, output: Path | None = None) -> None:
+    from flows.report import report as render
+
+    text = _guard(render, results_dir, run_id, fmt)
+    if output:
+        output.write_text(text)
+        console.print(f"wrote {output}")
+    else:
+        sys.stdout.write(text)
+
+
+@app.command()
+def report(
+    run_id: Annotated[str, typer.Argument(help="run id")],
+    results_dir: ResultsOpt = DEFAULT_RESULTS,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="markdown, csv or html")] = "markdown",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="write to a file instead of stdout")] = None,
+) -> None:
+    """The paper-style table: one row per attack, one column per defense."""
+    if fmt not in ("markdown", "csv", "html"):
+        _fail(f"--format: expected markdown, csv or html, got {fmt!r}")
+    _print_report(results_dir, run_id, fmt, output)
+
+
+@app.command()
+def deploy(
+    config: Annotated[Path, typer.Argument(help="run configuration (YAML)")],
+    cron: Annotated[str, typer.Option(help='schedule, e.g. "0 2 * * *" for 02:00 every night')] = "0 2 * * *",
+    name: Annotated[str | None, typer.Option(help="deployment name (default: the config's name)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and print the deployment, do not serve")] = False,
+) -> None:
+    """Register a scheduled Prefect deployment of CONFIG and serve it (runs until stopped)."""
+    _quiet_libraries(False)
+    from flows.scheduled import build_deployment, serve
+
+    dep = _guard(build_deployment, config, cron, name)
+    if dry_run:
+        console.print_json(json.dumps(dep, default=str))
+        return
+    console.print(f"serving deployment {dep['name']!r} with schedule {cron!r}; Ctrl-C stops it", highlight=False)
+    _guard(serve, config, cron, name)
+
+
+@app.command()
+def demo(
+    full: Annotated[bool, typer.Option("--full", help="the whole built-in benchmark instead of the demo subset")] = False,
+    results_dir: Annotated[str | None, typer.Option(help="override results_dir")] = None,
+    cache_dir: Annotated[str | None, typer.Option(help="override cache_dir")] = None,
+    workers: Annotated[int | None, typer.Option(help="local Dask workers")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """The built-in benchmark end to end: prepares data if needed, runs every task, prints the reports."""
+    _quiet_libraries(False)
+    from equicore.datasets import prepare
+    from tasks.config import load_config
+
+    _guard(prepare, log=lambda m: err_console.print(m, highlight=False))
+    folder = DEMO_CONFIGS.parent / ("benchmark" if full else "demo")
+    configs = sorted(folder.glob("*.yaml"))
+    if not configs:
+        _fail(f"no configs in {folder}")
+    failed = False
+    for path in configs:
+        cfg = _guard(load_config, path)
+        cfg = _guard(_apply_overrides, cfg, None, workers, False, results_dir, cache_dir)
+        err_console.print(f"[bold]== {path.name}[/]", highlight=False)
+        summary = _guard(_run_with_progress, cfg, quiet)
+        _print_summary(summary)
+        _print_report(summary.results_dir, summary.run_id, "markdown")
+        failed |= bool(summary.failed)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def train(
+    name: Annotated[str, typer.Argument(help="a training recipe, e.g. fashion_cnn, drn_tiny_seg")],
+    out: Annotated[Path | None, typer.Option(help="output folder (default: the shipped weights folder)")] = None,
+    epochs: Annotated[int | None, typer.Option(help="override the recipe's epochs")] = None,
+    seed: Annotated[int | None, typer.Option(help="override the recipe's seed")] = None,
+) -> None:
+    """Re-train a built-in model exactly as its model card says."""
+    from equicore import training
+
+    card = _guard(training.train, name, out, epochs=epochs, seed=seed)
+    console.print_json(json.dumps(card, default=str))
+
+
+@app.command("prepare-data")
+def prepare_data(
+    data_dir: Annotated[Path | None, typer.Option(help="default $EQUI_DATA_DIR or ~/.cache/equirobust/data")] = None,
+) -> None:
+    """Install/copy the built-in benchmark's data (Fashion-MNIST, MNIST digits, backgrounds) and build scenes."""
+    from equicore.datasets import prepare
+
+    paths = _guard(prepare, data_dir, log=lambda m: err_console.print(m, highlight=False))
+    console.print_json(json.dumps({k: str(v) for k, v in paths.items()}))
+
+
+@app.command("list")
+def list_entries(
+    kind: Annotated[str, typer.Argument(help="attacks, defenses, models, datasets, transforms, metrics or views")],
+) -> None:
+    """List registered names (what a config may use)."""
+    import equicore  # noqa: F401
+    from equicore.registry import ATTACKS, DATASETS, DEFENSES, METRICS, MODELS, TRANSFORMS
+    from equicore.transforms import VIEW_SETS
+
+    registries = {"attacks": ATTACKS, "defenses": DEFENSES, "models": MODELS, "datasets": DATASETS,
+                  "transforms": TRANSFORMS, "metrics": METRICS}
+    if kind == "views":
+        for n in sorted(VIEW_SETS):
+            console.print(n)
+        return
+    if kind not in registries:
+        _fail(f"kind: expected one of {sorted([*registries, 'views'])}, got {kind!r}")
+    reg = registries[kind]
+    for n in reg.names():
+        meta = {k: v for k, v in reg.meta(n).items() if isinstance(v, (str, int, float, tuple, list))}
+        console.print(f"{n}  {meta if meta else ''}", highlight=False)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

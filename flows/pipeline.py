@@ -1,0 +1,337 @@
+"""The evaluation flow: plan shards, attack each shard once per attack (Zarr cache), defend and score each
+(attack, defense, shard) (one Parquet file each), reduce into the results table.
+
+Everything is idempotent: work whose output already exists and verifies is not submitted again, so running the
+same config twice, or ``equi resume RUN_ID`` after a crash, computes only what is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from storage import results as R
+from storage.cache import AdversarialCache
+from storage.errors import StorageError
+from tasks import compute
+from tasks.config import CLEAN, ConfigError, RunConfig
+from tasks.runtime import Runtime, build_runtime, code_version, plan_shards, torch_threads_for
+
+
+@dataclass
+class WorkPlan:
+    attack_units: list[tuple[int, int]]  # (attack index, shard) still to compute
+    defend_units: list[tuple[int, int, int]]  # (attack index, defense index, shard) still to compute
+    n_shards: int
+    total_defend: int
+
+    @property
+    def empty(self) -> bool:
+        return not self.attack_units and not self.defend_units
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    results_dir: str
+    n_samples: int
+    n_shards: int
+    computed: int
+    skipped: int
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+# ------------------------------------------------------------------------------------------------- provenance
+def git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("equirobust", "torch", "torchvision", "prefect", "prefect-dask", "distributed", "zarr", "pyarrow"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+def provenance(cfg: RunConfig) -> dict[str, Any]:
+    return {
+        "config_hash": cfg.config_hash(),
+        "git_sha": git_sha(),
+        "package_versions": package_versions(),
+        "code_version": code_version(),
+    }
+
+
+# ------------------------------------------------------------------------------------------------- planning
+def check_output_dirs(cfg: RunConfig) -> None:
+    for what, d in (("results_dir", cfg.results_dir), ("cache_dir", cfg.cache_dir)):
+        p = Path(d)
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"{what}: {p} exists and is not a directory")
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"{what}: cannot create {p}: {e.strerror}") from None
+
+
+def plan_work(rt: Runtime, run_id: str, cache: AdversarialCache) -> WorkPlan:
+    cfg = rt.cfg
+    n_shards = len(plan_shards(rt.indices, cfg.shard_size))
+    attack_units, defend_units = [], []
+    for ai, attack in enumerate(cfg.attacks):
+        a_key = compute.attack_key(rt, attack)
+        d_keys = [compute.defense_key(rt, attack, d) for d in cfg.defenses]
+        for shard in range(n_shards):
+            pending = [di for di, dk in enumerate(d_keys) if not R.shard_done(cfg.results_dir, run_id, a_key, dk, shard)]
+            defend_units += [(ai, di, shard) for di in pending]
+            if pending and attack.name != CLEAN and not cache.has(a_key, shard):
+                attack_units.append((ai, shard))
+    return WorkPlan(attack_units, defend_units, n_shards, len(cfg.attacks) * len(cfg.defenses) * n_shards)
+
+
+def unit_records(rt: Runtime) -> list[dict[str, Any]]:
+    """The (attack, defense) units with their storage keys, so status/report need not rebuild the model."""
+    out = []
+    for attack in rt.cfg.attacks:
+        a_key = compute.attack_key(rt, attack)
+        for defense in rt.cfg.defenses:
+            d_key = compute.defense_key(rt, attack, defense)
+            out.append({"attack": attack.name, "defense": defense.name, "attack_key": a_key, "defense_key": d_key,
+                        "unit_key": compute.unit_key(a_key, d_key)})
+    return out
+
+
+def run_status(results_dir: str, run_id: str) -> dict[str, Any]:
+    """Shards done / failed / pending per (attack, defense) unit, from the manifest and the files alone."""
+    manifest = R.read_run_manifest(results_dir, run_id)
+    failed = {(f["unit_key"], int(f["shard"])): f for f in R.failures(results_dir, run_id)}
+    units = []
+    for u in manifest.get("units", []):
+        done, bad, pending = 0, [], 0
+        for shard in range(int(manifest["n_shards"])):
+            if R.shard_done(results_dir, run_id, u["attack_key"], u["defense_key"], shard):
+                done += 1
+            elif (u["unit_key"], shard) in failed or (u["attack_key"], shard) in failed:
+                f = failed.get((u["unit_key"], shard)) or failed[(u["attack_key"], shard)]
+                bad.append({"shard": shard, "error": f.get("error", ""), "attempts": f.get("attempts")})
+            else:
+                pending += 1
+        units.append({**u, "done": done, "failed": bad, "pending": pending})
+    return {"manifest": manifest, "units": units}
+
+
+def write_manifest(cfg: RunConfig, run_id: str, rt: Runtime, status: str, extra: dict[str, Any] | None = None):
+    manifest = {
+        "run_id": run_id,
+        "name": cfg.name,
+        "status": status,
+        "config": cfg.model_dump(mode="json"),
+        "n_samples": len(rt.indices),
+        "n_shards": len(plan_shards(rt.indices, cfg.shard_size)),
+        "updated_at": dt.datetime.now(dt.UTC).isoformat(),
+        "units": unit_records(rt),
+        **provenance(cfg),
+        **(extra or {}),
+    }
+    with contextlib.suppress(StorageError):
+        old = R.read_run_manifest(cfg.results_dir, run_id)
+        manifest.setdefault("created_at", old.get("created_at"))
+    manifest.setdefault("created_at", manifest["updated_at"])
+    if manifest["created_at"] is None:
+        manifest["created_at"] = manifest["updated_at"]
+    R.write_run_manifest(cfg.results_dir, run_id, manifest)
+
+
+# ------------------------------------------------------------------------------------------------- execution
+Outcome = dict[tuple, tuple[str, str]]  # unit -> ("ok" | "failed", message)
+
+
+def _short_error(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {msg}"[:500]
+
+
+def execute_in_process(rt: Runtime, run_id: str, plan: WorkPlan, on_done=None) -> Outcome:
+    """The same steps, sequentially in this process (no Prefect, no Dask): the reference the flow must match."""
+    cache = AdversarialCache(rt.cfg.cache_dir)
+    outcome: Outcome = {}
+    for ai, shard in plan.attack_units:
+        try:
+            compute.attack_shard(rt, cache, rt.cfg.attacks[ai], shard)
+            outcome[("attack", ai, shard)] = ("ok", "")
+        except Exception as e:  # noqa: BLE001  (recorded as a failed shard; the run goes on)
+            outcome[("attack", ai, shard)] = ("failed", _short_error(e))
+        if on_done:
+            on_done("attack")
+    for ai, di, shard in plan.defend_units:
+        if outcome.get(("attack", ai, shard), ("ok", ""))[0] == "failed":
+            outcome[("defend", ai, di, shard)] = ("failed", "skipped: its attack shard failed")
+        else:
+            try:
+                compute.defend_shard(rt, cache, rt.cfg.attacks[ai], rt.cfg.defenses[di], shard, run_id)
+                outcome[("defend", ai, di, shard)] = ("ok", "")
+            except Exception as e:  # noqa: BLE001
+                outcome[("defend", ai, di, shard)] = ("failed", _short_error(e))
+        if on_done:
+            on_done("defend")
+    return outcome
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[None]:
+    """One temporary Prefect API for the flow and all Dask workers (unless the user points at a server).
+
+    Without this, every worker process would start its own ephemeral server on the same SQLite file.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
+
+
+def default_workers(cfg: RunConfig) -> tuple[int, int]:
+    """(workers, GPUs): one worker per GPU, else one per core (each single-threaded)."""
+    import torch
+
+    gpus = torch.cuda.device_count() if cfg.device in ("auto", "cuda") else 0
+    n = cfg.cluster.n_workers or (gpus or (os.cpu_count() or 1))
+    return n, gpus
+
+
+def make_task_runner(cfg: RunConfig):
+    from prefect_dask import DaskTaskRunner
+
+    if cfg.cluster.address:
+        return DaskTaskRunner(address=cfg.cluster.address)
+    n_workers, gpus = default_workers(cfg)
+    kwargs: dict[str, Any] = {
+        "n_workers": n_workers,
+        "threads_per_worker": cfg.cluster.threads_per_worker,
+        "processes": True,
+        "host": cfg.cluster.host,
+        "dashboard_address": f"{cfg.cluster.host}:8787" if cfg.cluster.dashboard else None,
+    }
+    if gpus:
+        kwargs["resources"] = {"GPU": 1}
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
+
+
+def execute_with_prefect(rt: Runtime, run_id: str, plan: WorkPlan, on_done=None) -> Outcome:
+    from flows.prefect_flow import PROGRESS_CALLBACK, evaluation_flow
+
+    cfg = rt.cfg
+    n_workers, gpus = default_workers(cfg)
+    threads = torch_threads_for(n_workers) if not cfg.cluster.address else None
+    runner = make_task_runner(cfg)
+    PROGRESS_CALLBACK[0] = on_done
+    try:
+        with prefect_api():
+            return evaluation_flow.with_options(task_runner=runner)(
+                cfg.model_dump_json(),
+                run_id,
+                [list(u) for u in plan.attack_units],
+                [list(u) for u in plan.defend_units],
+                threads,
+                bool(gpus),
+            )
+    finally:
+        PROGRESS_CALLBACK[0] = None
+
+
+def run(cfg: RunConfig, *, on_plan=None, on_done=None) -> RunSummary:
+    """Run (or resume) a config. ``on_plan(plan)`` and ``on_done(kind)`` drive progress displays."""
+    t0 = time.perf_counter()
+    check_output_dirs(cfg)
+    run_id = cfg.run_id()
+    rt = build_runtime(cfg)
+    write_manifest(cfg, run_id, rt, "running")
+    plan = plan_work(rt, run_id, AdversarialCache(cfg.cache_dir))
+    if on_plan:
+        on_plan(plan)
+    outcome: Outcome = {}
+    if not plan.empty:
+        executor = execute_in_process if cfg.cluster.in_process else execute_with_prefect
+        outcome = executor(rt, run_id, plan, on_done)
+    failed = record_outcome(cfg, rt, run_id, outcome)
+    compute.reduce_run(rt, run_id, provenance(cfg))
+    status = "failed" if failed else "complete"
+    write_manifest(cfg, run_id, rt, status, {"failed_units": len(failed)})
+    computed = sum(1 for k, (s, _) in outcome.items() if s == "ok" and k[0] == "defend")
+    return RunSummary(
+        run_id=run_id,
+        results_dir=cfg.results_dir,
+        n_samples=len(rt.indices),
+        n_shards=plan.n_shards,
+        computed=computed,
+        skipped=plan.total_defend - len(plan.defend_units),
+        failed=failed,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def record_outcome(cfg: RunConfig, rt: Runtime, run_id: str, outcome: Outcome) -> list[dict[str, Any]]:
+    failed = []
+    for unit, (status, message) in sorted(outcome.items(), key=lambda kv: str(kv[0])):
+        if unit[0] == "attack":
+            _, ai, shard = unit
+            key = compute.unit_key(compute.attack_key(rt, cfg.attacks[ai]))
+            label = f"attack {cfg.attacks[ai].name}"
+        else:
+            _, ai, di, shard = unit
+            attack, defense = cfg.attacks[ai], cfg.defenses[di]
+            key = compute.unit_key(compute.attack_key(rt, attack), compute.defense_key(rt, attack, defense))
+            label = f"attack {attack.name} / defense {defense.name}"
+        if status == "ok":
+            R.clear_failed(cfg.results_dir, run_id, key, shard)
+        else:
+            R.mark_failed(cfg.results_dir, run_id, key, shard, f"{label}: {message}")
+            failed.append({"unit": label, "shard": shard, "error": message})
+    return failed
+
+
+def resume(run_id: str, results_dir: str) -> RunSummary:
+    manifest = R.read_run_manifest(results_dir, run_id)
+    cfg = RunConfig.model_validate(manifest["config"])
+    if cfg.run_id() != run_id:
+        raise ConfigError(f"run {run_id}: its manifest's config hashes to {cfg.run_id()} (edited by hand?)")
+    return run(cfg)
+
+
+def format_exception(exc: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
+
+
+def manifest_json(results_dir: str, run_id: str) -> str:
+    return json.dumps(R.read_run_manifest(results_dir, run_id), indent=2)

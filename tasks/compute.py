@@ -1,0 +1,287 @@
+"""Shard-level steps as plain functions (the Prefect tasks and the in-process runner both call these).
+
+attack_shard: adversarial images for one (attack, shard) -> Zarr cache, keyed by content.
+defend_shard: purify + predict + score one (attack, defense, shard) -> one Parquet file with per-sample rows and
+              the shard's mergeable metric states.
+reduce_run:   merge shard states per (attack, defense) -> the long results table.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from equicore.attacks import build_attack, make_targets, run_attack
+from equicore.defenses import build_defense
+from equicore.equivariance import consistency_score, sample_view_params
+from equicore.metrics import build_metric, merge_all, per_image_iou, state_from_dict
+from equicore.seeding import derive_seed, sample_seeds
+from equicore.transforms import build_views
+from equicore.validation import check_images
+from storage import results as R
+from storage.cache import AdversarialCache
+from storage.errors import CacheCorruptError
+from storage.keys import canonical_json, content_key
+from tasks.config import CLEAN, TASK_METRICS, AttackConfig, DefenseConfig, RunConfig
+from tasks.faults import maybe_fail
+from tasks.runtime import Runtime, code_version, plan_shards, to_numpy_images
+
+
+# ---------------------------------------------------------------------------------------------------- identities
+def attack_identity(rt: Runtime, attack: AttackConfig) -> dict[str, Any]:
+    """Everything the adversarial images depend on (the cache key is its hash + the code version)."""
+    params = build_attack(attack.name, **attack.params()).params() if attack.name != CLEAN else {}
+    return {
+        "dataset": rt.dataset_fingerprint,
+        "indices": content_key(rt.indices, ""),
+        "shard_size": rt.cfg.shard_size,
+        "model": {
+            "name": rt.cfg.model.name,
+            "weights": rt.model_digest,
+            "params": rt.cfg.model.params,
+            "adapter": rt.cfg.model.adapter,
+        },
+        "attack": {"name": attack.name, **params},
+        "seed": rt.cfg.seed,
+    }
+
+
+def attack_key(rt: Runtime, attack: AttackConfig) -> str:
+    if attack.name == CLEAN:
+        return CLEAN
+    return content_key(attack_identity(rt, attack), code_version())
+
+
+def resolved_defense(rt: Runtime, attack: AttackConfig, defense: DefenseConfig):
+    eps = attack.eps if attack.name != CLEAN else rt.cfg.resolved_reference_eps()
+    return build_defense(defense.name, **defense.params()).with_attack_eps(eps)
+
+
+def defense_key(rt: Runtime, attack: AttackConfig, defense: DefenseConfig) -> str:
+    ident = {"defense": resolved_defense(rt, attack, defense).params(), "measure": rt.cfg.measure.model_dump()}
+    return content_key(ident, code_version())
+
+
+def unit_key(attack_k: str, defense_k: str | None = None) -> str:
+    return f"{attack_k}.{defense_k}" if defense_k else attack_k
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+@dataclass
+class ShardData:
+    images: torch.Tensor
+    labels: torch.Tensor
+    ids: list[str]
+
+
+def load_shard(rt: Runtime, shard: int) -> ShardData:
+    indices = plan_shards(rt.indices, rt.cfg.shard_size)[shard]
+    images, labels, ids = rt.batch(indices)
+    check_images(images, f"dataset {rt.cfg.dataset.name} shard {shard}")
+    return ShardData(images, labels, ids)
+
+
+def _batches(n: int, size: int):
+    for lo in range(0, n, size):
+        yield slice(lo, min(n, lo + size))
+
+
+def seeds_for(rt: Runtime, ids: list[str], purpose: str) -> list[int]:
+    return [derive_seed(s, purpose) for s in sample_seeds(rt.cfg.seed, ids)]
+
+
+# ---------------------------------------------------------------------------------------------------- attack
+def attack_shard(rt: Runtime, cache: AdversarialCache, attack: AttackConfig, shard: int) -> dict[str, Any]:
+    """Compute and cache one shard's adversarial images unless a verified entry exists."""
+    key = attack_key(rt, attack)
+    if cache.has(key, shard):
+        return {"status": "cached", "key": key, "shard": shard, "seconds": 0.0}
+    maybe_fail("attack", shard)
+    t0 = time.perf_counter()
+    data = load_shard(rt, shard)
+    spec = build_attack(attack.name, **attack.params())
+    seeds = seeds_for(rt, data.ids, f"attack:{key}")
+    out = []
+    for sl in _batches(len(data.ids), rt.cfg.batch_size):
+        out.append(run_attack(spec, rt.adapter, data.images[sl], data.labels[sl], seeds[sl]).x_adv)
+    x_adv = torch.cat(out)
+    meta = {"identity": attack_identity(rt, attack), "code_version": code_version()}
+    cache.write(key, shard, to_numpy_images(x_adv), data.ids, meta)
+    return {"status": "computed", "key": key, "shard": shard, "seconds": time.perf_counter() - t0}
+
+
+def adversarial_images(rt: Runtime, cache: AdversarialCache, attack: AttackConfig, shard: int, data: ShardData):
+    if attack.name == CLEAN:
+        return data.images
+    key = attack_key(rt, attack)
+    try:
+        array, ids = cache.read(key, shard)
+    except CacheCorruptError:
+        cache.invalidate(key, shard)  # regenerated by the attack step on resume/retry
+        raise
+    if ids != data.ids:
+        raise CacheCorruptError(f"cache {key} shard {shard} holds samples {ids[:3]}... but the plan has "
+                                f"{data.ids[:3]}...", key=key, shard=shard)
+    return torch.from_numpy(np.ascontiguousarray(array)).to(rt.device)
+
+
+# ---------------------------------------------------------------------------------------------------- defend
+def metric_names(rt: Runtime, attack: AttackConfig) -> list[str]:
+    names = [TASK_METRICS[rt.task]]
+    if rt.task == "segmentation" and attack.name != CLEAN and attack.params().get("targeted"):
+        names.append("miou_to_target")
+    return names
+
+
+def _new_state(rt: Runtime, name: str):
+    if name in ("miou", "miou_to_target"):
+        return build_metric(name, num_classes=rt.dataset.num_classes, ignore_index=rt.dataset.ignore_index)
+    return build_metric(name)
+
+
+def _equivariance(rt: Runtime, x: torch.Tensor) -> torch.Tensor:
+    m = rt.cfg.measure
+    views = build_views(m.views)
+    params = sample_view_params(views, derive_seed(m.seed, "measure"), tuple(x.shape[-2:]))
+    with torch.no_grad():
+        return consistency_score(rt.adapter.features, x, views, params).double().cpu()
+
+
+def defend_shard(
+    rt: Runtime, cache: AdversarialCache, attack: AttackConfig, defense: DefenseConfig, shard: int, run_id: str
+) -> dict[str, Any]:
+    a_key, d_key = attack_key(rt, attack), defense_key(rt, attack, defense)
+    results_dir = rt.cfg.results_dir
+    if R.shard_done(results_dir, run_id, a_key, d_key, shard):
+        return {"status": "done-before", "shard": shard, "seconds": 0.0}
+    maybe_fail("defend", shard)
+    t0 = time.perf_counter()
+    data = load_shard(rt, shard)
+    x_in = adversarial_images(rt, cache, attack, shard, data)
+    spec = resolved_defense(rt, attack, defense)
+    seeds = seeds_for(rt, data.ids, f"defense:{d_key}")
+    names = metric_names(rt, attack)
+    states = {n: _new_state(rt, n) for n in names}
+    equi_before, equi_after = build_metric("equivariance_score"), build_metric("equivariance_score")
+    attack_spec = build_attack(attack.name, **attack.params()) if attack.name != CLEAN else None
+    rows: list[dict[str, Any]] = []
+    for sl in _batches(len(data.ids), rt.cfg.batch_size):
+        x, y = x_in[sl], data.labels[sl]
+        x_def = spec.purify(rt.adapter, x, seeds[sl])
+        with torch.no_grad():
+            preds = rt.adapter.predict(x_def)
+        batch: dict[str, Any] = {"preds": preds.cpu(), "labels": y.cpu()}
+        if attack_spec is not None and attack_spec.targeted:
+            batch["attack_targets"] = make_targets(rt.adapter, data.images[sl], y, attack_spec.target).cpu()
+        for st in states.values():
+            st.update(batch)
+        before = after = [math.nan] * len(preds)
+        if rt.cfg.measure.enabled:
+            b, a = _equivariance(rt, x), _equivariance(rt, x_def)
+            equi_before.update({"scores": b})
+            equi_after.update({"scores": a})
+            before, after = b.tolist(), a.tolist()
+        linf = (x_def - x).flatten(1).abs().amax(1).mul(255).tolist()
+        per_image = (
+            per_image_iou(batch["preds"], batch["labels"], rt.dataset.num_classes, rt.dataset.ignore_index)
+            if rt.task == "segmentation"
+            else [math.nan] * len(preds)
+        )
+        for j, sid in enumerate(data.ids[sl]):
+            label = int(batch["labels"][j]) if rt.task == "classification" else -1
+            pred = int(batch["preds"][j]) if rt.task == "classification" else -1
+            rows.append(
+                {
+                    "sample_id": sid,
+                    "attack": attack.name,
+                    "defense": defense.name,
+                    "label": label,
+                    "pred": pred,
+                    "correct": float(pred == label) if rt.task == "classification" else math.nan,
+                    "image_miou": float(per_image[j]),
+                    "equivariance_before": float(before[j]),
+                    "equivariance_after": float(after[j]),
+                    "purify_linf_255": float(linf[j]),
+                }
+            )
+    state = {n: st.to_dict() for n, st in states.items()}
+    if rt.cfg.measure.enabled:
+        state["equivariance_before"] = equi_before.to_dict()
+        state["equivariance_after"] = equi_after.to_dict()
+    seconds = time.perf_counter() - t0
+    unit = {
+        "attack_key": a_key,
+        "defense_key": d_key,
+        "shard": shard,
+        "attack": attack.name,
+        "defense": defense.name,
+        "n": len(data.ids),
+        "seconds": seconds,
+    }
+    R.write_shard(results_dir, run_id, unit, rows, state)
+    return {"status": "computed", "shard": shard, "seconds": seconds}
+
+
+# ---------------------------------------------------------------------------------------------------- reduce
+def units(cfg: RunConfig) -> list[tuple[int, int]]:
+    return [(ai, di) for ai in range(len(cfg.attacks)) for di in range(len(cfg.defenses))]
+
+
+def reduce_run(rt: Runtime, run_id: str, provenance: dict[str, Any]) -> list[dict[str, Any]]:
+    """Merge every completed shard's states per (attack, defense) into the long results table (replacing it)."""
+    cfg = rt.cfg
+    n_shards = len(plan_shards(rt.indices, cfg.shard_size))
+    rows: list[dict[str, Any]] = []
+    for ai, di in units(cfg):
+        attack, defense = cfg.attacks[ai], cfg.defenses[di]
+        a_key, d_key = attack_key(rt, attack), defense_key(rt, attack, defense)
+        states: dict[str, list] = {}
+        seconds, done = 0.0, 0
+        for shard in range(n_shards):
+            path = R.shard_path(cfg.results_dir, run_id, a_key, d_key, shard)
+            if not R.shard_done(cfg.results_dir, run_id, a_key, d_key, shard):
+                continue
+            table, state = R.read_shard(path)
+            unit = R.read_shard_unit(path)
+            seconds += float(unit.get("seconds", 0.0))
+            done += 1
+            for name, s in state.items():
+                states.setdefault(name, []).append(state_from_dict(s))
+        if not done:
+            continue
+        defense_params = resolved_defense(rt, attack, defense).params()
+        for name, shard_states in states.items():
+            merged = merge_all(shard_states)
+            for metric, value in merged.compute().items():
+                metric = metric.replace("equivariance_score", name) if name.startswith("equivariance") else metric
+                rows.append(
+                    {
+                        **provenance,
+                        "run_id": run_id,
+                        "dataset": cfg.dataset.name,
+                        "model": cfg.model.name,
+                        "attack": attack.name,
+                        "attack_params": attack.params(),
+                        "defense": defense.name,
+                        "defense_params": defense_params,
+                        "metric": metric,
+                        "value": float(value),
+                        "n_samples": merged.n_samples,
+                        "wall_time_s": seconds,
+                        "shards_done": done,
+                        "shards_total": n_shards,
+                        "attack_key": a_key,
+                        "defense_key": d_key,
+                    }
+                )
+    R.write_results_table(cfg.results_dir, run_id, rows)
+    return rows
+
+
+def canonical_config(cfg: RunConfig) -> str:
+    return canonical_json(cfg.model_dump(mode="json"))

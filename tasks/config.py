@@ -1,0 +1,212 @@
+"""Run configuration: YAML validated by pydantic. Unknown keys are rejected and every error names its field.
+
+Names (dataset, model, attack, defense, views) are checked against the engine's registries at load time, and
+attack/defense parameters are checked by building the objects, so a typo fails before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from equicore.errors import EquirobustError
+from equicore.registry import ATTACKS, DATASETS, DEFENSES, MODELS
+
+CLEAN = "clean"  # the pseudo-attack that leaves images unchanged (the "Clean" row of the paper's tables)
+TASK_METRICS = {"classification": "accuracy", "segmentation": "miou"}
+
+
+class ConfigError(EquirobustError, ValueError):
+    """A run configuration that cannot be used; the message names the field."""
+
+
+def _checked(fn, value):
+    """Run a registry check; re-raise its error as ValueError so pydantic reports it with the field path."""
+    try:
+        fn(value)
+    except EquirobustError as e:
+        raise ValueError(str(e)) from None
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetConfig(_Strict):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    limit: int | None = Field(default=None, ge=1, description="evaluate the first N samples")
+    indices: list[int] | None = Field(default=None, description="evaluate exactly these indices")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return _checked(DATASETS.get, v)
+
+
+class ModelConfig(_Strict):
+    name: str
+    checkpoint: str | None = Field(default=None, description="local state_dict path; None = the model's default")
+    params: dict[str, Any] = Field(default_factory=dict)
+    adapter: dict[str, Any] = Field(default_factory=dict, description="task adapter options, e.g. feature_layer")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return _checked(MODELS.get, v)
+
+
+class AttackConfig(_Strict):
+    model_config = ConfigDict(extra="allow", frozen=True)  # attack parameters, checked by building the attack
+    name: str
+
+    @model_validator(mode="after")
+    def _build(self) -> AttackConfig:
+        if self.name != CLEAN:
+            from equicore.attacks import build_attack
+
+            _checked(lambda _: build_attack(self.name, **self.params()), self.name)
+        elif self.params():
+            raise ConfigError(f"attack 'clean' takes no parameters, got {sorted(self.params())}")
+        return self
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @property
+    def eps(self) -> float | None:
+        if self.name == CLEAN:
+            return None
+        from equicore.attacks import build_attack
+
+        return build_attack(self.name, **self.params()).eps
+
+
+class DefenseConfig(_Strict):
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str
+
+    @model_validator(mode="after")
+    def _build(self) -> DefenseConfig:
+        _checked(lambda _: DEFENSES.build(self.name, **self.params()), self.name)
+        return self
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class MeasureConfig(_Strict):
+    """The equivariance score recorded per sample before and after defense (Table 4)."""
+
+    enabled: bool = True
+    views: str | list[Any] = "paper"
+    seed: int = 0
+
+
+class ClusterConfig(_Strict):
+    address: str | None = Field(default=None, description="existing Dask scheduler, e.g. tcp://host:8786")
+    n_workers: int | None = Field(default=None, ge=1, description="default: one per GPU, else one per 2 cores")
+    threads_per_worker: int = Field(default=1, ge=1)
+    host: str = Field(default="127.0.0.1", description="interface the local scheduler and workers bind to")
+    dashboard: bool = False
+    in_process: bool = Field(default=False, description="run shards sequentially in this process (no Dask)")
+
+
+class RunConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    dataset: DatasetConfig
+    model: ModelConfig
+    attacks: list[AttackConfig] = Field(min_length=1)
+    defenses: list[DefenseConfig] = Field(min_length=1)
+    reference_eps: float | None = Field(
+        default=None, ge=0, le=255, description="eps (/255) that resolves defenses' eps_v on clean images"
+    )
+    measure: MeasureConfig = Field(default_factory=MeasureConfig)
+    shard_size: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cache_dir: str = ".equi/cache"
+    results_dir: str = ".equi/results"
+    retries: int = Field(default=2, ge=0, le=20)
+    retry_delay_s: list[float] = Field(default_factory=lambda: [2.0, 10.0])
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _unique(self) -> RunConfig:
+        for kind, items in (("attacks", self.attacks), ("defenses", self.defenses)):
+            keys = [canonical({"name": i.name, **i.params()}) for i in items]
+            dupes = {k for k in keys if keys.count(k) > 1}
+            if dupes:
+                raise ConfigError(f"{kind}: duplicate entries {sorted(dupes)}")
+        return self
+
+    # -- identity -------------------------------------------------------------------------------------------------
+    def semantic_dict(self) -> dict[str, Any]:
+        """What determines the numbers: excludes where and how it runs (cluster, retries, directories)."""
+        d = self.model_dump(mode="json")
+        for k in ("cluster", "retries", "retry_delay_s", "cache_dir", "results_dir", "device"):
+            d.pop(k, None)
+        return d
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(canonical(self.semantic_dict()).encode()).hexdigest()[:16]
+
+    def run_id(self) -> str:
+        """Same config -> same run id, so running it again resumes instead of starting over."""
+        return f"{self.name}-{self.config_hash()[:10]}"
+
+    def resolved_reference_eps(self) -> float:
+        if self.reference_eps is not None:
+            return self.reference_eps
+        eps = [a.eps for a in self.attacks if a.name != CLEAN]
+        return max(eps) if eps else 4.0
+
+
+def canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    ctx_err = (first.get("ctx") or {}).get("error")
+    if isinstance(ctx_err, Exception):
+        msg = str(ctx_err)
+    msg = msg.removeprefix("Value error, ")
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def parse_config(data: Any, source: str = "config") -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+    except EquirobustError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_config(path: str | os.PathLike[str]) -> RunConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}:{where} malformed YAML: {getattr(e, 'problem', e)}") from None
+    return parse_config(data, str(p))

@@ -1,0 +1,152 @@
+"""Worker-side state: the dataset, model and adapter a config names, built once per worker process.
+
+Dask workers run many shard tasks; rebuilding the model for each would dominate small shards, so the runtime is
+cached per process, keyed by the canonical config JSON.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import equicore  # noqa: F401  (registrations)
+from equicore.adapters import TaskAdapter, build_adapter
+from equicore.datasets import collate
+from equicore.errors import CheckpointError, InvalidInputError
+from equicore.models.checkpoint import weights_digest
+from equicore.models.common import WEIGHTS_DIR
+from equicore.registry import DATASETS, MODELS
+from equicore.seeding import derive_seed
+from storage.keys import code_version as _code_version
+from tasks.config import RunConfig
+
+RANDOM_INIT = "none"  # model.checkpoint value for an untrained model (tests, smoke runs)
+
+
+@functools.cache
+def code_version() -> str:
+    """Package version + digest of the engine's sources: a code change invalidates cached attacks and results."""
+    return _code_version([Path(equicore.__file__).resolve().parent])
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise InvalidInputError("device: 'cuda' requested but no CUDA device is available")
+    # One GPU per Dask worker: LocalCluster names workers 0..n-1.
+    index = 0
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+        index = int(name) % torch.cuda.device_count() if str(name).isdigit() else 0
+    except (ImportError, ValueError):
+        pass
+    return torch.device("cuda", index)
+
+
+def resolve_checkpoint(name: str, checkpoint: str | None) -> str | None:
+    if checkpoint == RANDOM_INIT:
+        return None
+    if checkpoint is not None:
+        return checkpoint
+    shipped = WEIGHTS_DIR / f"{name}.pt"
+    if shipped.is_file():
+        return str(shipped)
+    if MODELS.meta(name).get("weights"):  # the factory loads its own shipped weights
+        return None
+    raise CheckpointError(
+        f"model {name!r} has no shipped weights: set model.checkpoint to a local file "
+        f"(or to '{RANDOM_INIT}' for an untrained model), or train it with `equi train {name}`"
+    )
+
+
+@dataclass
+class Runtime:
+    cfg: RunConfig
+    dataset: Any
+    indices: list[int]
+    model: torch.nn.Module
+    adapter: TaskAdapter
+    device: torch.device
+    model_digest: str
+    dataset_fingerprint: str
+
+    @property
+    def task(self) -> str:
+        return self.dataset.task
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, Any, list[str]]:
+        images, targets, ids = collate([self.dataset[i] for i in indices])
+        if isinstance(targets, torch.Tensor):
+            targets = targets.to(self.device)
+        return images.to(self.device), targets, ids
+
+
+def build_runtime(cfg: RunConfig, device: torch.device | None = None) -> Runtime:
+    dataset = DATASETS.build(cfg.dataset.name, **cfg.dataset.params)
+    task = dataset.task
+    if task not in ("classification", "segmentation"):
+        raise InvalidInputError(f"dataset {cfg.dataset.name!r} is a {task} dataset; the pipeline supports "
+                                "classification and segmentation in this version")
+    model_task = MODELS.meta(cfg.model.name).get("task")
+    if model_task and model_task != task:
+        raise InvalidInputError(f"model {cfg.model.name!r} is a {model_task} model but dataset "
+                                f"{cfg.dataset.name!r} is a {task} dataset")
+    n = len(dataset)
+    if cfg.dataset.indices is not None:
+        bad = [i for i in cfg.dataset.indices if not 0 <= i < n]
+        if bad:
+            raise InvalidInputError(f"dataset.indices: {bad[:5]} out of range for {n} samples")
+        indices = list(cfg.dataset.indices)
+    else:
+        indices = list(range(min(n, cfg.dataset.limit or n)))
+    if not indices:
+        raise InvalidInputError(f"dataset {cfg.dataset.name!r} selects no samples")
+    device = device or pick_device(cfg.device)
+    checkpoint = resolve_checkpoint(cfg.model.name, cfg.model.checkpoint)
+    kwargs = dict(cfg.model.params)
+    if checkpoint is not None:
+        kwargs["checkpoint"] = checkpoint
+    if cfg.model.checkpoint == RANDOM_INIT:
+        torch.manual_seed(derive_seed(cfg.seed, "model-init"))  # an untrained model must still be reproducible
+    model = MODELS.build(cfg.model.name, **kwargs).eval().to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)  # attacks and defenses differentiate w.r.t. inputs only
+    options = dict(cfg.model.adapter)
+    if task == "segmentation":
+        options.setdefault("ignore_index", dataset.ignore_index if dataset.ignore_index is not None else 255)
+    adapter = build_adapter(task, model, num_classes=dataset.num_classes, **options)
+    # Fail now, naming both sides, if the model's classes do not match the dataset's.
+    x, _, _ = collate([dataset[indices[0]]])
+    with torch.no_grad():
+        adapter.forward(x.to(device))
+    return Runtime(cfg, dataset, indices, model, adapter, device, weights_digest(model), dataset.fingerprint())
+
+
+@functools.lru_cache(maxsize=2)
+def get_runtime(cfg_json: str, torch_threads: int | None = None) -> Runtime:
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    return build_runtime(RunConfig.model_validate(json.loads(cfg_json)))
+
+
+def plan_shards(indices: list[int], shard_size: int) -> list[list[int]]:
+    """Consecutive slices: the same shards for the same config whatever the worker count."""
+    return [indices[i : i + shard_size] for i in range(0, len(indices), shard_size)]
+
+
+def torch_threads_for(n_workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, n_workers))
+
+
+def to_numpy_images(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to("cpu", torch.float32).contiguous().numpy()

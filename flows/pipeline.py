@@ -107,7 +107,12 @@ def plan_work(rt: Runtime, run_id: str, cache: AdversarialCache) -> WorkPlan:
         for shard in range(n_shards):
             pending = [di for di, dk in enumerate(d_keys) if not R.shard_done(cfg.results_dir, run_id, a_key, dk, shard)]
             defend_units += [(ai, di, shard) for di in pending]
-            if pending and attack.name != CLEAN and not cache.has(a_key, shard):
+            if attack.name == CLEAN:
+                continue
+            # A cache entry that fails its checksum (a corrupt or deleted chunk) is regenerated even when every
+            # defense of the shard is done: the cache is shared with later runs and must stay trustworthy.
+            if not cache.has(a_key, shard) or not cache.verify(a_key, shard):
+                cache.invalidate(a_key, shard)
                 attack_units.append((ai, shard))
     return WorkPlan(attack_units, defend_units, n_shards, len(cfg.attacks) * len(cfg.defenses) * n_shards)
 
@@ -176,6 +181,10 @@ def _short_error(exc: BaseException) -> str:
 
 def execute_in_process(rt: Runtime, run_id: str, plan: WorkPlan, on_done=None) -> Outcome:
     """The same steps, sequentially in this process (no Prefect, no Dask): the reference the flow must match."""
+    if rt.cfg.cluster.torch_threads:
+        import torch
+
+        torch.set_num_threads(rt.cfg.cluster.torch_threads)
     cache = AdversarialCache(rt.cfg.cache_dir)
     outcome: Outcome = {}
     for ai, shard in plan.attack_units:
@@ -253,7 +262,7 @@ def execute_with_prefect(rt: Runtime, run_id: str, plan: WorkPlan, on_done=None)
 
     cfg = rt.cfg
     n_workers, gpus = default_workers(cfg)
-    threads = torch_threads_for(n_workers) if not cfg.cluster.address else None
+    threads = cfg.cluster.torch_threads or (torch_threads_for(n_workers) if not cfg.cluster.address else None)
     runner = make_task_runner(cfg)
     PROGRESS_CALLBACK[0] = on_done
     try:
@@ -273,9 +282,10 @@ def execute_with_prefect(rt: Runtime, run_id: str, plan: WorkPlan, on_done=None)
 def run(cfg: RunConfig, *, on_plan=None, on_done=None) -> RunSummary:
     """Run (or resume) a config. ``on_plan(plan)`` and ``on_done(kind)`` drive progress displays."""
     t0 = time.perf_counter()
-    check_output_dirs(cfg)
     run_id = cfg.run_id()
+    # Build (and so validate) dataset, model and adapter before anything is written.
     rt = build_runtime(cfg)
+    check_output_dirs(cfg)
     write_manifest(cfg, run_id, rt, "running")
     plan = plan_work(rt, run_id, AdversarialCache(cfg.cache_dir))
     if on_plan:

@@ -105,7 +105,8 @@ def attack_shard(rt: Runtime, cache: AdversarialCache, attack: AttackConfig, sha
     t0 = time.perf_counter()
     data = load_shard(rt, shard)
     spec = build_attack(attack.name, **attack.params())
-    seeds = seeds_for(rt, data.ids, f"attack:{key}")
+    # Seeds depend on the attack and the sample only (not on shard size or position), so any sharding agrees.
+    seeds = seeds_for(rt, data.ids, "attack:" + canonical_json(spec.params()))
     out = []
     for sl in _batches(len(data.ids), rt.cfg.batch_size):
         out.append(run_attack(spec, rt.adapter, data.images[sl], data.labels[sl], seeds[sl]).x_adv)

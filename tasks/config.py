@@ -114,6 +114,7 @@ class ClusterConfig(_Strict):
     address: str | None = Field(default=None, description="existing Dask scheduler, e.g. tcp://host:8786")
     n_workers: int | None = Field(default=None, ge=1, description="default: one per GPU, else one per 2 cores")
     threads_per_worker: int = Field(default=1, ge=1)
+    torch_threads: int | None = Field(default=None, ge=1, description="torch threads per worker (default: cores/workers)")
     host: str = Field(default="127.0.0.1", description="interface the local scheduler and workers bind to")
     dashboard: bool = False
     in_process: bool = Field(default=False, description="run shards sequentially in this process (no Dask)")
@@ -138,6 +139,14 @@ class RunConfig(_Strict):
     retries: int = Field(default=2, ge=0, le=20)
     retry_delay_s: list[float] = Field(default_factory=lambda: [2.0, 10.0])
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _batches_align(self) -> RunConfig:
+        # Batches never straddle shards and every shard splits into the same batches whatever the shard count, so
+        # per-sample results are bit-identical under 1, 2 or N shards.
+        if self.shard_size % self.batch_size:
+            raise ValueError(f"shard_size ({self.shard_size}) must be a multiple of batch_size ({self.batch_size})")
+        return self
 
     @model_validator(mode="after")
     def _unique(self) -> RunConfig:

@@ -1,0 +1,59 @@
+"""Shared pieces of the pipeline tests: a tiny real config (advertorch's clean LeNet5 on the 20 real MNIST test
+digits from tests/fixtures) and table comparison."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FIXTURE_DIGITS = Path(__file__).parent / "fixtures" / "mnist_foolbox"
+REPO = Path(__file__).resolve().parent.parent
+COMPARED = ("attack", "defense", "metric", "value", "n_samples")
+
+
+def mnist_root(tmp: Path) -> Path:
+    root = tmp / "mnist"
+    (root / "test").mkdir(parents=True, exist_ok=True)
+    for png in FIXTURE_DIGITS.glob("mnist_*.png"):
+        shutil.copy(png, root / "test" / png.name)
+    return root
+
+
+def tiny_config(tmp: Path, *, shard_size: int = 5, batch_size: int = 5, name: str = "tiny", **over: Any) -> dict:
+    cfg = {
+        "name": name,
+        "dataset": {"name": "mnist", "params": {"root": str(mnist_root(tmp)), "split": "test"}},
+        "model": {"name": "lenet5_mnist_clean", "adapter": {"feature_layer": "relu2"}},
+        "attacks": [{"name": "clean"}, {"name": "pgd", "eps": 48, "step_size": 16, "steps": 3}],
+        "defenses": [
+            {"name": "vanilla"},
+            {"name": "equivariance", "steps": 2, "views": ["hflip", {"name": "resize", "scale": [0.75, 1.25]}]},
+        ],
+        "measure": {"views": ["hflip"]},
+        "shard_size": shard_size,
+        "batch_size": batch_size,
+        "seed": 3,
+        "cache_dir": str(tmp / "cache"),
+        "results_dir": str(tmp / "results"),
+        "retries": 1,
+        "retry_delay_s": [0.0],
+        "cluster": {"n_workers": 2},
+    }
+    cfg.update(over)
+    return cfg
+
+
+def write_config(tmp: Path, cfg: dict, filename: str = "run.yaml") -> Path:
+    path = tmp / filename
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def table_rows(results_dir: str | Path, run_id: str) -> list[tuple]:
+    from storage import results as R
+
+    rows = R.read_results_table(results_dir, run_id).to_pylist()
+    return sorted(tuple(r[c] for c in COMPARED) for r in rows)

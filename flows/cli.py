@@ -60,6 +60,8 @@ def _guard(fn, *args, **kwargs):
         _fail(str(e))
     except FileNotFoundError as e:
         _fail(f"{e.filename or e}: not found")
+    except ValueError as e:  # e.g. a run id that is not a safe path component
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
 def _run_with_progress(cfg, quiet: bool):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -208,6 +209,26 @@ def parse_config(data: Any, source: str = "config") -> RunConfig:
         raise ConfigError(f"{source}: {e}") from None
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(data: Any, where: str = "") -> Any:
+    """Replace ``${VAR}`` in string values (dataset roots, checkpoint paths of the paper presets); an unset
+    variable is an error naming it and the field, not a path that silently does not exist."""
+    if isinstance(data, dict):
+        return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [expand_env(v, f"{where}.{i}") for i, v in enumerate(data)]
+    if isinstance(data, str):
+        def sub(m: re.Match[str]) -> str:
+            if m.group(1) not in os.environ:
+                raise ConfigError(f"{where}: environment variable {m.group(1)} is not set")
+            return os.environ[m.group(1)]
+
+        return _ENV_REF.sub(sub, data)
+    return data
+
+
 def load_config(path: str | os.PathLike[str]) -> RunConfig:
     p = Path(path)
     if not p.is_file():
@@ -218,4 +239,9 @@ def load_config(path: str | os.PathLike[str]) -> RunConfig:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{p}:{where} malformed YAML: {getattr(e, 'problem', e)}") from None
+    if isinstance(data, dict):
+        try:
+            data = expand_env(data)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
     return parse_config(data, str(p))

@@ -4,8 +4,17 @@ datasets). No orchestration or storage imports here: everything is usable from a
 Importing the package registers every built-in entry in the registries (``equicore.registry``).
 """
 
-from equicore import adapters, attacks, defenses, equivariance, metrics, transforms  # noqa: F401  (registrations)
-from equicore import datasets, models  # noqa: F401  (registrations)
+from equicore import (  # noqa: F401  (imported for their registrations)
+    adapters,
+    attacks,
+    datasets,
+    defenses,
+    equivariance,
+    instance,
+    metrics,
+    models,
+    transforms,
+)
 from equicore.registry import ATTACKS, DATASETS, DEFENSES, LOSSES, METRICS, MODELS, TRANSFORMS
 
 __version__ = "0.1.0"

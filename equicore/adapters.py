@@ -73,6 +73,10 @@ def _unwrap(out: Any) -> torch.Tensor:
     return out
 
 
+class _StopForward(Exception):
+    """Raised from a forward hook to end a forward pass at the feature layer."""
+
+
 @ADAPTERS.register("classification")
 class ClassificationAdapter(TaskAdapter):
     """``feature_layer`` names a module (``dict(model.named_modules())``) whose output is the equivariance
@@ -102,6 +106,28 @@ class ClassificationAdapter(TaskAdapter):
         finally:
             handle.remove()
         return AdapterOutput(captured[-1], logits)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the model only up to the feature layer: the rest is not needed for the equivariance objective, and
+        classifier heads with fully-connected layers could not take the resized views anyway."""
+        if self._module is None:
+            return self.forward(x).features
+        captured: list[torch.Tensor] = []
+
+        def stop(_m, _i, out):
+            captured.append(out)
+            raise _StopForward
+
+        handle = self._module.register_forward_hook(stop)
+        try:
+            self.model(x)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise InvalidInputError(f"feature_layer {self.feature_layer!r} was not reached by the model's forward")
+        return captured[0]
 
     def task_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.logits(x), y, reduction="none")

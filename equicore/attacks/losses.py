@@ -40,9 +40,17 @@ def _split(logits: torch.Tensor, labels: torch.Tensor, ignore: int | None):
     return true_score, best_other, best_other_idx, valid
 
 
-@LOSSES.register("ce", tasks=("classification", "segmentation"))
+@LOSSES.register("ce", tasks=("classification", "segmentation", "instance"))
 def cross_entropy_loss(adapter: TaskAdapter, labels: torch.Tensor, targeted: bool = False) -> LossFn:
-    """Cross-entropy (pixel-wise with ``ignore_index`` for segmentation); negated towards a target."""
+    """Cross-entropy (pixel-wise with ``ignore_index`` for segmentation); negated towards a target.
+
+    For instance segmentation (no logit map) it is the model's own training loss, ``adapter.task_loss``, against
+    the ground-truth instances (a list of target dicts); targeted attacks are not defined there.
+    """
+    if adapter.task == "instance":
+        if targeted:
+            raise InvalidInputError("attack loss 'ce': targeted attacks are not defined for the instance task")
+        return lambda x: adapter.task_loss(x, labels)
     ignore = _ignore_index(adapter)
     sign = -1.0 if targeted else 1.0
 

@@ -1,5 +1,6 @@
 """Metrics: pure functions and mergeable states."""
 
+from equicore.metrics.coco import MaskAPState
 from equicore.metrics.functional import confusion_matrix, iou_per_class, mean_iou, per_image_iou, pixel_accuracy
 from equicore.metrics.states import (
     AccuracyState,
@@ -15,6 +16,7 @@ from equicore.metrics.states import (
 __all__ = [
     "AccuracyState",
     "ConfusionState",
+    "MaskAPState",
     "MeanScoreState",
     "MetricState",
     "TargetConfusionState",

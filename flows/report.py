@@ -13,7 +13,7 @@ from typing import Any
 
 from storage import results as R
 
-MAIN_METRICS = ("accuracy", "miou", "miou_to_target")
+MAIN_METRICS = ("accuracy", "miou", "mask_ap", "miou_to_target")
 TEST_TIME_DEFENSES = ("equivariance", "invariance", "random_noise", "rotation", "contrastive")
 ADAPTIVE_ATTACKS = ("bpda", "adaptive", "aa")
 
@@ -86,6 +86,7 @@ def build_tables(rows: list[dict[str, Any]]) -> list[Table]:
         title = {
             "accuracy": "Top-1 accuracy (%)",
             "miou": "mIoU (%)",
+            "mask_ap": "Mask AP (COCO, %)",
             "miou_to_target": "mIoU to the attack target (%) (lower is better)",
             "equivariance_before": "Equivariance score of the defense's input (mean cosine over views)",
             "equivariance_after": "Equivariance score after the defense (mean cosine over views)",

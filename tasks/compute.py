@@ -145,6 +145,21 @@ def _new_state(rt: Runtime, name: str):
     return build_metric(name)
 
 
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    return [{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in d.items()} for d in value]
+
+
+def _summary(task: str, value: Any) -> int:
+    """Per-sample summary: the class for classification, the instance count for instance segmentation."""
+    if task == "classification":
+        return int(value)
+    if task == "instance":
+        return int(len(value["labels"]))
+    return -1
+
+
 def _equivariance(rt: Runtime, x: torch.Tensor) -> torch.Tensor:
     m = rt.cfg.measure
     views = build_views(m.views)
@@ -176,7 +191,7 @@ def defend_shard(
         x_def = spec.purify(rt.adapter, x, seeds[sl])
         with torch.no_grad():
             preds = rt.adapter.predict(x_def)
-        batch: dict[str, Any] = {"preds": preds.cpu(), "labels": y.cpu()}
+        batch: dict[str, Any] = {"preds": _to_cpu(preds), "labels": _to_cpu(y)}
         if attack_spec is not None and attack_spec.targeted:
             batch["attack_targets"] = make_targets(rt.adapter, data.images[sl], y, attack_spec.target).cpu()
         for st in states.values():
@@ -194,8 +209,7 @@ def defend_shard(
             else [math.nan] * len(preds)
         )
         for j, sid in enumerate(data.ids[sl]):
-            label = int(batch["labels"][j]) if rt.task == "classification" else -1
-            pred = int(batch["preds"][j]) if rt.task == "classification" else -1
+            label, pred = _summary(rt.task, batch["labels"][j]), _summary(rt.task, batch["preds"][j])
             rows.append(
                 {
                     "sample_id": sid,

@@ -20,7 +20,7 @@ from equicore.errors import EquirobustError
 from equicore.registry import ATTACKS, DATASETS, DEFENSES, MODELS
 
 CLEAN = "clean"  # the pseudo-attack that leaves images unchanged (the "Clean" row of the paper's tables)
-TASK_METRICS = {"classification": "accuracy", "segmentation": "miou"}
+TASK_METRICS = {"classification": "accuracy", "segmentation": "miou", "instance": "mask_ap"}
 
 
 class ConfigError(EquirobustError, ValueError):

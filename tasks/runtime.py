@@ -88,15 +88,15 @@ class Runtime:
         images, targets, ids = collate([self.dataset[i] for i in indices])
         if isinstance(targets, torch.Tensor):
             targets = targets.to(self.device)
+        else:  # instance targets: one dict per image
+            targets = [{k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+                       for t in targets]
         return images.to(self.device), targets, ids
 
 
 def build_runtime(cfg: RunConfig, device: torch.device | None = None) -> Runtime:
     dataset = DATASETS.build(cfg.dataset.name, **cfg.dataset.params)
     task = dataset.task
-    if task not in ("classification", "segmentation"):
-        raise InvalidInputError(f"dataset {cfg.dataset.name!r} is a {task} dataset; the pipeline supports "
-                                "classification and segmentation in this version")
     model_task = MODELS.meta(cfg.model.name).get("task")
     if model_task and model_task != task:
         raise InvalidInputError(f"model {cfg.model.name!r} is a {model_task} model but dataset "

@@ -7,7 +7,7 @@ adapter and labels (outside the attack), picks targets for targeted attacks, and
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +18,7 @@ from equicore.attacks.loop import NORMS, LossFn, projected_gradient
 from equicore.attacks.losses import build_loss
 from equicore.errors import InvalidInputError
 from equicore.registry import ATTACKS, LOSSES
-from equicore.validation import check_batch_match, check_eps
+from equicore.validation import check_batch_match, check_eps, check_images
 
 TARGET_MODES = ("next", "least_likely")
 
@@ -102,12 +102,23 @@ def run_attack(
     attack: Attack,
     adapter: TaskAdapter,
     x: torch.Tensor,
-    y: torch.Tensor,
+    y: torch.Tensor | Sequence[Mapping[str, Any]],
     seeds: Sequence[int] | torch.Tensor | None = None,
     loss_fn: LossFn | None = None,
 ) -> AttackResult:
     """Build the attack's loss for this adapter and these labels (unless one is passed), then run the loop."""
-    check_batch_match(x, y)
+    # Images first: a 3-D image would otherwise be reported as a label batch-size mismatch, or reach the model.
+    check_images(x, "attack input")
+    if isinstance(y, torch.Tensor):
+        check_batch_match(x, y)
+    else:
+        # Instance targets: one dict per image (their instance counts differ, so they do not stack).
+        if not isinstance(y, Sequence) or isinstance(y, (str, bytes)):
+            raise InvalidInputError(f"labels: expected a tensor or a list of target dicts, got {type(y).__name__}")
+        if len(y) != x.shape[0]:
+            raise InvalidInputError(f"labels: {len(y)} targets do not match images' batch size {x.shape[0]}")
+        if attack.targeted:
+            raise InvalidInputError(f"{attack.name}: targeted attacks are not defined for instance targets")
     targets = make_targets(adapter, x, y, attack.target) if attack.targeted else None
     if loss_fn is None:
         labels = targets if targets is not None else y
@@ -115,13 +126,26 @@ def run_attack(
     return AttackResult(attack.perturb(x, loss_fn, seeds), targets)
 
 
+_ACCEPTED = frozenset(f.name for f in dataclasses.fields(Attack)) - {"name"}
+
+
 def _factory(name: str, **defaults: Any):
+    # The factory validates its own parameters: it takes **params, so Registry.build cannot see what it accepts and
+    # a typo would otherwise surface as a bare TypeError from the dataclass.
     def build(**params: Any) -> Attack:
+        unknown = sorted(set(params) - _ACCEPTED)
+        if unknown:
+            raise InvalidInputError(
+                f"attack {name!r} got unknown parameter(s) {unknown}; it accepts {sorted(_ACCEPTED)}"
+            )
         merged = {**defaults, **params}
+        # FGSM steps once by eps unless told otherwise; applied here so ATTACKS.build and build_attack agree.
+        if name == "fgsm" and "eps" in params and "step_size" not in params:
+            merged["step_size"] = params["eps"]
         return Attack(name=name, **merged)
 
     build.__name__ = f"build_{name}"
-    build.accepted = {f.name for f in dataclasses.fields(Attack)} - {"name"}  # type: ignore[attr-defined]
+    build.accepted = _ACCEPTED  # type: ignore[attr-defined]
     return build
 
 
@@ -140,11 +164,5 @@ for _name, _defaults in _REGISTERED.items():
 
 
 def build_attack(name: str, **params: Any) -> Attack:
-    """``fgsm`` steps once by eps unless told otherwise."""
-    accepted = getattr(ATTACKS.get(name), "accepted", None)
-    unknown = sorted(set(params) - accepted) if accepted else []
-    if unknown:
-        raise InvalidInputError(f"attack {name!r} got unknown parameter(s) {unknown}; it accepts {sorted(accepted)}")
-    if name == "fgsm" and "eps" in params and "step_size" not in params:
-        params = {**params, "step_size": params["eps"]}
-    return ATTACKS.get(name)(**params)
+    """``fgsm`` steps once by eps unless told otherwise (the registered factories validate and apply that)."""
+    return ATTACKS.build(name, **params)

@@ -94,23 +94,36 @@ class Compose(InvertibleTransform):
 
     def _inverse_dense(self, features: torch.Tensor, params: Params, size: Size) -> torch.Tensor:
         # Intermediate feature grids are the reference grid scaled like the intermediate images.
-        h0, w0 = params["in_size"]
         for t, p in reversed(list(zip(self.transforms, params["children"], strict=True))):
-            hi, wi = p["in_size"]
-            stage = (max(1, round(size[0] * hi / h0)), max(1, round(size[1] * wi / w0)))
-            features = t.inverse(features, p, stage)
+            features = t.inverse(features, p, self._stage(p, params, size))
         return features
 
     def out_size(self, params: Params) -> Size:
         return self.transforms[-1].out_size(params["children"][-1])
 
     def valid_mask(self, params: Params, size: Size, device: torch.device | str | None = None) -> torch.Tensor | None:
+        # A child's mask lives on the grid of that child's input (e.g. the flipped or resized image), so it is mapped
+        # back to the reference grid through the inverses of the children before it; using it as-is mirrors a
+        # rotation's mask after a flip and keeps padded corners in the loss.
+        pairs = list(zip(self.transforms, params["children"], strict=True))
         mask = None
-        for t, p in zip(self.transforms, params["children"], strict=True):
-            m = t.valid_mask(p, size, device)
-            if m is not None:
-                mask = m if mask is None else mask & m
+        for i, (t, p) in enumerate(pairs):
+            m = t.valid_mask(p, self._stage(p, params, size), device)
+            if m is None:
+                continue
+            mf = m.to(torch.float32)
+            for tj, pj in reversed(pairs[:i]):
+                mf = tj.inverse(mf, pj, self._stage(pj, params, size))
+            m = mf > 0.999
+            mask = m if mask is None else mask & m
         return mask
+
+    @staticmethod
+    def _stage(child: Params, params: Params, size: Size) -> Size:
+        """The reference grid scaled like the child's input image."""
+        h0, w0 = params["in_size"]
+        hi, wi = child["in_size"]
+        return max(1, round(size[0] * hi / h0)), max(1, round(size[1] * wi / w0))
 
     @property
     def is_spatial(self) -> bool:

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny classification and segmentation models (random and trained), task setups, seeds.
+
+Tests run on one intra-op thread by default (``EQUIROBUST_TEST_THREADS`` overrides): the CI and dev machines
+have 2 shared cores, and oversubscribed OpenMP threads make small-tensor work ~10x slower. No assertion depends
+on the thread count.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import equicore  # noqa: F401  (registers every built-in entry)
+from equicore.adapters import SegmentationAdapter
+from tests.models_for_tests import (
+    SCENE_CLASSES,
+    TASKS,
+    TaskSetup,
+    make_scenes,
+    make_task,
+    train_scene_segmenter,
+)
+
+torch.set_num_threads(int(os.environ.get("EQUIROBUST_TEST_THREADS", "1")))
+
+
+@pytest.fixture(autouse=True)
+def _global_seed() -> None:
+    """Code under test must never read the global RNG for its results; seeding it anyway keeps any test-side draw
+    reproducible."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def seeds() -> list[int]:
+    return [101, 202, 303, 404, 505]
+
+
+@pytest.fixture
+def task_factory() -> Callable[..., TaskSetup]:
+    return make_task
+
+
+@pytest.fixture(params=TASKS)
+def task_setup(request: pytest.FixtureRequest) -> TaskSetup:
+    """A random tiny model of each task, with images and labels."""
+    return make_task(request.param)
+
+
+@dataclass
+class TrainedSegmentation:
+    model: torch.nn.Module
+    adapter: SegmentationAdapter
+    x: torch.Tensor  # held-out scenes
+    y: torch.Tensor
+
+
+@pytest.fixture(scope="session")
+def trained_segmenter() -> TrainedSegmentation:
+    """A TinySegmenter trained for a few seconds on synthetic disc/square scenes (32x32), with held-out scenes."""
+    model = train_scene_segmenter(seed=0)
+    x, y = make_scenes(24, 32, seed=123)
+    return TrainedSegmentation(model, SegmentationAdapter(model, num_classes=SCENE_CLASSES), x, y)

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from equicore.errors import InvalidInputError
+
 _MASK63 = (1 << 63) - 1
 
 
@@ -30,7 +32,7 @@ def as_seed_list(seeds: Sequence[int] | torch.Tensor | None, batch: int, default
         return [derive_seed(default, i) for i in range(batch)]
     out = [int(s) for s in (seeds.tolist() if isinstance(seeds, torch.Tensor) else seeds)]
     if len(out) != batch:
-        raise ValueError(f"seeds: got {len(out)} seeds for a batch of {batch}")
+        raise InvalidInputError(f"seeds: got {len(out)} seeds for a batch of {batch}")
     return out
 
 

@@ -230,10 +230,6 @@ def test_registering_a_name_twice_is_refused() -> None:
         reg.register("a")(lambda: 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="equicore.seeding.as_seed_list raises a plain ValueError (seeding.py is outside this change's files)",
-)
 def test_wrong_number_of_seeds() -> None:
     s = make_task("classification", n=3)
     with pytest.raises(InvalidInputError, match="seeds: got 2 seeds for a batch of 3"):

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from equicore.transforms.base import InvertibleTransform, Params
 from equicore.seeding import generator as make_generator
+from equicore.transforms.base import InvertibleTransform, Params
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 

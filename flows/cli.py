@@ -31,8 +31,9 @@ DEFAULT_RESULTS = os.environ.get("EQUI_RESULTS_DIR", ".equi/results")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIGS = REPO_ROOT / "configs" / "demo"
 
-ResultsOpt = Annotated[str, typer.Option("--results-dir", "-r", help="results directory (default $EQUI_RESULTS_DIR "
-                                         "or .equi/results)")]
+ResultsOpt = Annotated[
+    str, typer.Option("--results-dir", "-r", help="results directory (default $EQUI_RESULTS_DIR or .equi/results)")
+]
 
 
 def _quiet_libraries(verbose: bool) -> None:
@@ -68,15 +69,18 @@ def _run_with_progress(cfg, quiet: bool):
     from flows import pipeline
 
     if quiet or not sys.stderr.isatty():
+
         def on_plan(plan):
             err_console.print(
                 f"{cfg.name}: {len(plan.attack_units)} attack shard(s) and {len(plan.defend_units)} defense shard(s) "
-                f"to compute ({plan.total_defend - len(plan.defend_units)} already done)", highlight=False
+                f"to compute ({plan.total_defend - len(plan.defend_units)} already done)",
+                highlight=False,
             )
 
         return pipeline.run(cfg, on_plan=on_plan)
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=err_console)
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console
+    )
     bars: dict[str, int] = {}
 
     def on_plan(plan):
@@ -107,8 +111,9 @@ def _print_summary(summary) -> None:
         console.print(f"Fix the cause, then `equi resume {summary.run_id}` recomputes only these.", highlight=False)
 
 
-def _apply_overrides(cfg, cluster: str | None, workers: int | None, in_process: bool, results_dir: str | None,
-                     cache_dir: str | None):
+def _apply_overrides(
+    cfg, cluster: str | None, workers: int | None, in_process: bool, results_dir: str | None, cache_dir: str | None
+):
     updates_cluster = {}
     if cluster:
         updates_cluster["address"] = cluster
@@ -131,8 +136,12 @@ def _apply_overrides(cfg, cluster: str | None, workers: int | None, in_process: 
 def run(
     config: Annotated[Path, typer.Argument(help="run configuration (YAML)")],
     cluster: Annotated[str | None, typer.Option(help="existing Dask scheduler address, e.g. tcp://host:8786")] = None,
-    workers: Annotated[int | None, typer.Option(help="local Dask workers (default: one per GPU, else per core)")] = None,
-    in_process: Annotated[bool, typer.Option("--in-process", help="no Dask/Prefect: run shards here, in order")] = False,
+    workers: Annotated[
+        int | None, typer.Option(help="local Dask workers (default: one per GPU, else per core)")
+    ] = None,
+    in_process: Annotated[
+        bool, typer.Option("--in-process", help="no Dask/Prefect: run shards here, in order")
+    ] = False,
     results_dir: Annotated[str | None, typer.Option(help="override the config's results_dir")] = None,
     cache_dir: Annotated[str | None, typer.Option(help="override the config's cache_dir")] = None,
     report: Annotated[bool, typer.Option(help="print the report table when done")] = True,
@@ -191,9 +200,16 @@ def status(
         for rid in runs:
             st = _guard(run_status, results_dir, rid)
             units = st["units"]
-            rows.append({"run_id": rid, "status": st["manifest"].get("status"),
-                         "done": sum(u["done"] for u in units), "failed": sum(len(u["failed"]) for u in units),
-                         "pending": sum(u["pending"] for u in units), "updated_at": st["manifest"].get("updated_at")})
+            rows.append(
+                {
+                    "run_id": rid,
+                    "status": st["manifest"].get("status"),
+                    "done": sum(u["done"] for u in units),
+                    "failed": sum(len(u["failed"]) for u in units),
+                    "pending": sum(u["pending"] for u in units),
+                    "updated_at": st["manifest"].get("updated_at"),
+                }
+            )
         if as_json:
             console.print_json(json.dumps(rows))
             return
@@ -217,8 +233,11 @@ def status(
     console.print(t)
     for u in st["units"]:
         for f in u["failed"]:
-            console.print(f"failed: {u['attack']} / {u['defense']} shard {f['shard']} "
-                          f"(attempts {f.get('attempts')}): {f['error']}", highlight=False)
+            console.print(
+                f"failed: {u['attack']} / {u['defense']} shard {f['shard']} "
+                f"(attempts {f.get('attempts')}): {f['error']}",
+                highlight=False,
+            )
 
 
 @app.command()
@@ -295,7 +314,9 @@ def deploy(
 
 @app.command()
 def demo(
-    full: Annotated[bool, typer.Option("--full", help="the whole built-in benchmark instead of the demo subset")] = False,
+    full: Annotated[
+        bool, typer.Option("--full", help="the whole built-in benchmark instead of the demo subset")
+    ] = False,
     results_dir: Annotated[str | None, typer.Option(help="override results_dir")] = None,
     cache_dir: Annotated[str | None, typer.Option(help="override cache_dir")] = None,
     workers: Annotated[int | None, typer.Option(help="local Dask workers")] = None,
@@ -358,8 +379,14 @@ def list_entries(
     from equicore.registry import ATTACKS, DATASETS, DEFENSES, METRICS, MODELS, TRANSFORMS
     from equicore.transforms import VIEW_SETS
 
-    registries = {"attacks": ATTACKS, "defenses": DEFENSES, "models": MODELS, "datasets": DATASETS,
-                  "transforms": TRANSFORMS, "metrics": METRICS}
+    registries = {
+        "attacks": ATTACKS,
+        "defenses": DEFENSES,
+        "models": MODELS,
+        "datasets": DATASETS,
+        "transforms": TRANSFORMS,
+        "metrics": METRICS,
+    }
     if kind == "views":
         for n in sorted(VIEW_SETS):
             console.print(n)

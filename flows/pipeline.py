@@ -105,7 +105,9 @@ def plan_work(rt: Runtime, run_id: str, cache: AdversarialCache) -> WorkPlan:
         a_key = compute.attack_key(rt, attack)
         d_keys = [compute.defense_key(rt, attack, d) for d in cfg.defenses]
         for shard in range(n_shards):
-            pending = [di for di, dk in enumerate(d_keys) if not R.shard_done(cfg.results_dir, run_id, a_key, dk, shard)]
+            pending = [
+                di for di, dk in enumerate(d_keys) if not R.shard_done(cfg.results_dir, run_id, a_key, dk, shard)
+            ]
             defend_units += [(ai, di, shard) for di in pending]
             if attack.name == CLEAN:
                 continue
@@ -124,8 +126,15 @@ def unit_records(rt: Runtime) -> list[dict[str, Any]]:
         a_key = compute.attack_key(rt, attack)
         for defense in rt.cfg.defenses:
             d_key = compute.defense_key(rt, attack, defense)
-            out.append({"attack": attack.name, "defense": defense.name, "attack_key": a_key, "defense_key": d_key,
-                        "unit_key": compute.unit_key(a_key, d_key)})
+            out.append(
+                {
+                    "attack": attack.name,
+                    "defense": defense.name,
+                    "attack_key": a_key,
+                    "defense_key": d_key,
+                    "unit_key": compute.unit_key(a_key, d_key),
+                }
+            )
     return out
 
 

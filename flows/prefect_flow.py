@@ -13,8 +13,8 @@ import dask
 from prefect import flow
 from prefect.futures import as_completed
 
-from tasks.prefect_tasks import attack_shard_task, defend_shard_task
 from tasks.config import RunConfig
+from tasks.prefect_tasks import attack_shard_task, defend_shard_task
 
 # Progress callback of the calling process (a flow parameter would be serialised for the Prefect API).
 PROGRESS_CALLBACK: list[Callable[[str], None] | None] = [None]

@@ -65,8 +65,10 @@ def build_tables(rows: list[dict[str, Any]]) -> list[Table]:
         return _label(r["attack"], r["attack_params"], len(attacks_by_name[r["attack"]]) > 1)
 
     def d_label(r):
-        return _label(r["defense"], None, False) if len(defenses_by_name[r["defense"]]) == 1 else (
-            f"{r['defense']} #{sorted(defenses_by_name[r['defense']]).index(r['defense_params']) + 1}"
+        return (
+            _label(r["defense"], None, False)
+            if len(defenses_by_name[r["defense"]]) == 1
+            else (f"{r['defense']} #{sorted(defenses_by_name[r['defense']]).index(r['defense_params']) + 1}")
         )
 
     tables = []
@@ -91,7 +93,9 @@ def build_tables(rows: list[dict[str, Any]]) -> list[Table]:
             "equivariance_before": "Equivariance score of the defense's input (mean cosine over views)",
             "equivariance_after": "Equivariance score after the defense (mean cosine over views)",
         }[metric]
-        tables.append(Table(title, _ordered([a_label(r) for r in sel]), _ordered([d_label(r) for r in sel]), cells, notes))
+        tables.append(
+            Table(title, _ordered([a_label(r) for r in sel]), _ordered([d_label(r) for r in sel]), cells, notes)
+        )
     return tables
 
 

@@ -17,7 +17,8 @@ def scheduled_run(config_path: str) -> dict[str, Any]:
     from flows import pipeline
 
     summary = pipeline.run(load_config(config_path))
-    print(f"run {summary.run_id}: {summary.computed} computed, {summary.skipped} done before, {len(summary.failed)} failed")
+    done = f"{summary.computed} computed, {summary.skipped} done before"
+    print(f"run {summary.run_id}: {done}, {len(summary.failed)} failed")
     return {"run_id": summary.run_id, "failed": summary.failed}
 
 

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from equicore.errors import EquirobustError
-from equicore.registry import ATTACKS, DATASETS, DEFENSES, MODELS
+from equicore.registry import DATASETS, DEFENSES, MODELS
 
 CLEAN = "clean"  # the pseudo-attack that leaves images unchanged (the "Clean" row of the paper's tables)
 TASK_METRICS = {"classification": "accuracy", "segmentation": "miou", "instance": "mask_ap"}
@@ -115,7 +115,9 @@ class ClusterConfig(_Strict):
     address: str | None = Field(default=None, description="existing Dask scheduler, e.g. tcp://host:8786")
     n_workers: int | None = Field(default=None, ge=1, description="default: one per GPU, else one per 2 cores")
     threads_per_worker: int = Field(default=1, ge=1)
-    torch_threads: int | None = Field(default=None, ge=1, description="torch threads per worker (default: cores/workers)")
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="torch threads per worker (default: cores/workers)"
+    )
     host: str = Field(default="127.0.0.1", description="interface the local scheduler and workers bind to")
     dashboard: bool = False
     in_process: bool = Field(default=False, description="run shards sequentially in this process (no Dask)")
@@ -220,6 +222,7 @@ def expand_env(data: Any, where: str = "") -> Any:
     if isinstance(data, list):
         return [expand_env(v, f"{where}.{i}") for i, v in enumerate(data)]
     if isinstance(data, str):
+
         def sub(m: re.Match[str]) -> str:
             if m.group(1) not in os.environ:
                 raise ConfigError(f"{where}: environment variable {m.group(1)} is not set")

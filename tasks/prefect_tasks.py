@@ -28,15 +28,23 @@ def _retryable(task_obj, task_run, state) -> bool:
     return True
 
 
-@task(name="attack-shard", cache_policy=NO_CACHE, retry_condition_fn=_retryable,
-      task_run_name="attack[{attack_index}] shard {shard}")
+@task(
+    name="attack-shard",
+    cache_policy=NO_CACHE,
+    retry_condition_fn=_retryable,
+    task_run_name="attack[{attack_index}] shard {shard}",
+)
 def attack_shard_task(cfg_json: str, attack_index: int, shard: int, torch_threads: int | None = None) -> dict[str, Any]:
     rt = get_runtime(cfg_json, torch_threads)
     return compute.attack_shard(rt, AdversarialCache(rt.cfg.cache_dir), rt.cfg.attacks[attack_index], shard)
 
 
-@task(name="defend-shard", cache_policy=NO_CACHE, retry_condition_fn=_retryable,
-      task_run_name="attack[{attack_index}] defense[{defense_index}] shard {shard}")
+@task(
+    name="defend-shard",
+    cache_policy=NO_CACHE,
+    retry_condition_fn=_retryable,
+    task_run_name="attack[{attack_index}] defense[{defense_index}] shard {shard}",
+)
 def defend_shard_task(
     cfg_json: str, run_id: str, attack_index: int, defense_index: int, shard: int, torch_threads: int | None = None
 ) -> dict[str, Any]:

@@ -89,8 +89,9 @@ class Runtime:
         if isinstance(targets, torch.Tensor):
             targets = targets.to(self.device)
         else:  # instance targets: one dict per image
-            targets = [{k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
-                       for t in targets]
+            targets = [
+                {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets
+            ]
         return images.to(self.device), targets, ids
 
 
@@ -99,8 +100,9 @@ def build_runtime(cfg: RunConfig, device: torch.device | None = None) -> Runtime
     task = dataset.task
     model_task = MODELS.meta(cfg.model.name).get("task")
     if model_task and model_task != task:
-        raise InvalidInputError(f"model {cfg.model.name!r} is a {model_task} model but dataset "
-                                f"{cfg.dataset.name!r} is a {task} dataset")
+        raise InvalidInputError(
+            f"model {cfg.model.name!r} is a {model_task} model but dataset {cfg.dataset.name!r} is a {task} dataset"
+        )
     n = len(dataset)
     if cfg.dataset.indices is not None:
         bad = [i for i in cfg.dataset.indices if not 0 <= i < n]

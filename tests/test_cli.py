@@ -36,10 +36,16 @@ BAD_CONFIGS = [
     ("unknown_dataset", lambda c: c["dataset"].update(name="mnits"), "dataset.name: unknown dataset 'mnits'"),
     ("misaligned_batches", lambda c: c.update(shard_size=7), "must be a multiple of batch_size"),
     ("missing_dataset_root", lambda c: c["dataset"]["params"].update(root="/nonexistent/mnist"), "/nonexistent/mnist"),
-    ("missing_checkpoint", lambda c: c["model"].update(checkpoint="/nonexistent/w.pt"),
-     "checkpoint not found: /nonexistent/w.pt"),
-    ("wrong_class_count", lambda c: c.update(model={"name": "drn_tiny_seg", "checkpoint": "none"}),
-     "is a segmentation model but dataset 'mnist' is a classification dataset"),
+    (
+        "missing_checkpoint",
+        lambda c: c["model"].update(checkpoint="/nonexistent/w.pt"),
+        "checkpoint not found: /nonexistent/w.pt",
+    ),
+    (
+        "wrong_class_count",
+        lambda c: c.update(model={"name": "drn_tiny_seg", "checkpoint": "none"}),
+        "is a segmentation model but dataset 'mnist' is a classification dataset",
+    ),
 ]
 
 
@@ -99,8 +105,14 @@ def test_run_query_report_status_end_to_end(tmp_path: Path):
     out = _message(result)
     assert "Top-1 accuracy (%)" in out and "| clean |" in out
     run_id = next(w for w in out.split() if w.startswith("tiny-")).rstrip(":")
-    r = _run("query", "select defense, value from results where metric = 'accuracy' order by 1", "-r",
-             cfg["results_dir"], "-f", "json")
+    r = _run(
+        "query",
+        "select defense, value from results where metric = 'accuracy' order by 1",
+        "-r",
+        cfg["results_dir"],
+        "-f",
+        "json",
+    )
     assert r.exit_code == 0 and '"defense": "equivariance"' in r.stdout
     r = _run("report", run_id, "-r", cfg["results_dir"], "-f", "csv")
     assert r.exit_code == 0 and r.stdout.startswith("table,attack,defense,value")

@@ -9,12 +9,23 @@ import pytest
 from tasks.config import ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-PRESET_VARS = ("CITYSCAPES_ROOT", "DRN_D_22_CHECKPOINT", "VOC_ROOT", "DEEPLABV3_VOC_CHECKPOINT", "COCO_ROOT",
-               "DEEPLABV3_COCO_CHECKPOINT", "IMAGENET_ROOT", "RESNET50_ADV_CHECKPOINT")
+PRESET_VARS = (
+    "CITYSCAPES_ROOT",
+    "DRN_D_22_CHECKPOINT",
+    "VOC_ROOT",
+    "DEEPLABV3_VOC_CHECKPOINT",
+    "COCO_ROOT",
+    "DEEPLABV3_COCO_CHECKPOINT",
+    "IMAGENET_ROOT",
+    "RESNET50_ADV_CHECKPOINT",
+)
 
 
-@pytest.mark.parametrize("path", sorted((CONFIGS / "demo").glob("*.yaml")) + sorted((CONFIGS / "benchmark").glob("*.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    sorted((CONFIGS / "demo").glob("*.yaml")) + sorted((CONFIGS / "benchmark").glob("*.yaml")),
+    ids=lambda p: p.name,
+)
 def test_shipped_configs_validate(path: Path):
     cfg = load_config(path)
     assert cfg.run_id().startswith(cfg.name)

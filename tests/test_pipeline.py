@@ -61,8 +61,11 @@ def test_flow_on_local_cluster_matches_in_process_then_skips_then_repairs(tmp_pa
     victim.unlink()
     cache = AdversarialCache(cfg.cache_dir)
     (key,) = cache.keys()
-    chunk = next(p for p in sorted(cache.path(key).rglob("*")) if p.is_file() and "shard_00002" in str(p)
-                 and f"{os.sep}c{os.sep}" in str(p))
+    chunk = next(
+        p
+        for p in sorted(cache.path(key).rglob("*"))
+        if p.is_file() and "shard_00002" in str(p) and f"{os.sep}c{os.sep}" in str(p)
+    )
     chunk.unlink()
     resumed = pipeline.resume(cfg.run_id(), cfg.results_dir)
     assert resumed.ok and resumed.computed == 1 and resumed.skipped == 15
@@ -82,8 +85,13 @@ def test_always_failing_shard_is_reported_and_others_complete(tmp_path, referenc
     st = pipeline.run_status(cfg.results_dir, cfg.run_id())
     assert st["manifest"]["status"] == "failed"
     assert all(u["done"] == 3 and len(u["failed"]) == 1 and u["pending"] == 0 for u in st["units"])
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "status", cfg.run_id(), "-r", cfg.results_dir],
-                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "status", cfg.run_id(), "-r", cfg.results_dir],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert out.returncode == 0 and "injected fault in defend shard 2" in out.stdout
     # The partial table says so; after the cause is gone, resume completes it and clears the failures.
     assert all(r["shards_done"] == 3 for r in R.read_results_table(cfg.results_dir, cfg.run_id()).to_pylist())
@@ -99,8 +107,14 @@ def test_sigkill_of_the_flow_process_then_resume_gives_the_same_table(tmp_path, 
     path = write_config(tmp_path, cfg_dict)
     run_id = parse_config(cfg_dict).run_id()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(path), "-q"], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", str(path), "-q"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     samples = Path(cfg_dict["results_dir"]) / "samples"
     deadline = time.time() + 240
     while time.time() < deadline and len(list(samples.rglob("*.parquet"))) < 3:
@@ -109,8 +123,13 @@ def test_sigkill_of_the_flow_process_then_resume_gives_the_same_table(tmp_path, 
     os.killpg(proc.pid, signal.SIGKILL)  # the flow process and its Dask workers die at once
     proc.wait(timeout=60)
     assert 3 <= done_before_kill < 16, "the kill must land mid-run"
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "resume", run_id, "-r", cfg_dict["results_dir"], "-q"],
-                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "resume", run_id, "-r", cfg_dict["results_dir"], "-q"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert table_rows(cfg_dict["results_dir"], run_id) == reference
     # No half-written file was taken as complete: every shard file reads back with its state.

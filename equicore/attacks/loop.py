@@ -75,7 +75,9 @@ def projected_gradient(
         x_adv = (x + delta).requires_grad_(True)
         loss = loss_fn(x_adv)
         if loss.ndim != 1 or loss.shape[0] != x.shape[0]:
-            raise InvalidInputError(f"attack loss: expected one value per sample [{x.shape[0]}], got {tuple(loss.shape)}")
+            raise InvalidInputError(
+                f"attack loss: expected one value per sample [{x.shape[0]}], got {tuple(loss.shape)}"
+            )
         (grad,) = torch.autograd.grad(loss.sum(), x_adv)
         check_finite(grad, "attack gradient")
         if momentum is not None:

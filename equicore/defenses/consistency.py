@@ -111,7 +111,9 @@ class ConsistencyDefense(Defense):
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
-            raise InvalidInputError(f"{self.name}.objective: expected one of {sorted(OBJECTIVES)}, got {self.objective!r}")
+            raise InvalidInputError(
+                f"{self.name}.objective: expected one of {sorted(OBJECTIVES)}, got {self.objective!r}"
+            )
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise InvalidInputError(f"{self.name}.steps: expected an integer >= 1, got {self.steps!r}")
         if self.eps_v is not None:

@@ -90,20 +90,28 @@ def view_features(
 
 def masked_cosine(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Per-sample mean cosine between feature maps over the channel axis, averaged over valid pixels -> ``[B]``."""
-    cos = F.cosine_similarity(a, b, dim=1, eps=1e-8)
+    return _masked_mean(F.cosine_similarity(a, b, dim=1, eps=1e-8), mask)
+
+
+def equivariance_score(vf: ViewFeatures) -> torch.Tensor:
+    """Paper eq. 2 as a mean (not a sum) over views: ``[B]`` in [-1, 1]; higher is more equivariant. Averaging keeps
+    the objective's scale independent of K and of batch size (each sample's score is its own)."""
+    # The reference is unit-normalised once per step, not once per view (same value as F.cosine_similarity).
+    ref = F.normalize(vf.reference, dim=1, eps=1e-8)
+    per_view = []
+    for inv, mask in zip(vf.inverted, vf.masks, strict=True):
+        cos = (F.normalize(inv, dim=1, eps=1e-8) * ref).sum(1)
+        per_view.append(_masked_mean(cos, mask))
+    return torch.stack(per_view).mean(0)
+
+
+def _masked_mean(cos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if cos.ndim == 1:  # vector features
         return cos
     if mask is None:
         return cos.flatten(1).mean(1)
     m = mask[:, 0].to(cos.dtype).expand_as(cos)
     return (cos * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1.0)
-
-
-def equivariance_score(vf: ViewFeatures) -> torch.Tensor:
-    """Paper eq. 2 as a mean (not a sum) over views: ``[B]`` in [-1, 1]; higher is more equivariant. Averaging keeps
-    the objective's scale independent of K and of batch size (each sample's score is its own)."""
-    per_view = [masked_cosine(inv, vf.reference, m) for inv, m in zip(vf.inverted, vf.masks, strict=True)]
-    return torch.stack(per_view).mean(0)
 
 
 def invariance_score(vf: ViewFeatures) -> torch.Tensor:

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -325,22 +326,32 @@ def demo(
     """The built-in benchmark end to end: prepares data if needed, runs every task, prints the reports."""
     _quiet_libraries(False)
     from equicore.datasets import prepare
-    from tasks.config import load_config
+    from tasks.config import load_config, parse_config
 
     _guard(prepare, log=lambda m: err_console.print(m, highlight=False))
     folder = DEMO_CONFIGS.parent / ("benchmark" if full else "demo")
     configs = sorted(folder.glob("*.yaml"))
     if not configs:
         _fail(f"no configs in {folder}")
+    from flows.pipeline import local_cluster, prefect_api
+
+    cfgs = [
+        _guard(_apply_overrides, _guard(load_config, p), None, None, False, results_dir, cache_dir) for p in configs
+    ]
     failed = False
-    for path in configs:
-        cfg = _guard(load_config, path)
-        cfg = _guard(_apply_overrides, cfg, None, workers, False, results_dir, cache_dir)
-        err_console.print(f"[bold]== {path.name}[/]", highlight=False)
-        summary = _guard(_run_with_progress, cfg, quiet)
-        _print_summary(summary)
-        _print_report(summary.results_dir, summary.run_id, "markdown")
-        failed |= bool(summary.failed)
+    t0 = time.perf_counter()
+    # One cluster and one Prefect API for all runs: starting them per run would cost more than a small run.
+    with local_cluster(workers) as (address, threads, gpus), prefect_api():
+        for path, cfg in zip(configs, cfgs, strict=True):
+            data = cfg.model_dump(mode="json")
+            data["cluster"].update(address=address, torch_threads=threads, gpu_resources=gpus)
+            cfg = _guard(parse_config, data, str(path))
+            err_console.print(f"[bold]== {path.name}[/]", highlight=False)
+            summary = _guard(_run_with_progress, cfg, quiet)
+            _print_summary(summary)
+            _print_report(summary.results_dir, summary.run_id, "markdown")
+            failed |= bool(summary.failed)
+    console.print(f"demo: {len(configs)} run(s) in {time.perf_counter() - t0:.0f} s", highlight=False)
     if failed:
         raise typer.Exit(1)
 

@@ -248,6 +248,27 @@ def default_workers(cfg: RunConfig) -> tuple[int, int]:
     return n, gpus
 
 
+@contextlib.contextmanager
+def local_cluster(n_workers: int | None = None, host: str = "127.0.0.1") -> Iterator[tuple[str, int, bool]]:
+    """A LocalCluster shared by several runs (``equi demo``): (scheduler address, torch threads per worker, GPUs?)."""
+    import torch
+    from distributed import LocalCluster
+
+    gpus = torch.cuda.device_count()
+    n = n_workers or (gpus or (os.cpu_count() or 1))
+    kwargs: dict[str, Any] = {
+        "n_workers": n,
+        "threads_per_worker": 1,
+        "processes": True,
+        "host": host,
+        "dashboard_address": None,
+    }
+    if gpus:
+        kwargs["resources"] = {"GPU": 1}
+    with LocalCluster(**kwargs) as cluster:
+        yield cluster.scheduler_address, torch_threads_for(n), bool(gpus)
+
+
 def make_task_runner(cfg: RunConfig):
     from prefect_dask import DaskTaskRunner
 
@@ -272,6 +293,9 @@ def execute_with_prefect(rt: Runtime, run_id: str, plan: WorkPlan, on_done=None)
     cfg = rt.cfg
     n_workers, gpus = default_workers(cfg)
     threads = cfg.cluster.torch_threads or (torch_threads_for(n_workers) if not cfg.cluster.address else None)
+    use_gpus = (
+        cfg.cluster.gpu_resources if cfg.cluster.gpu_resources is not None else bool(gpus and not cfg.cluster.address)
+    )
     runner = make_task_runner(cfg)
     PROGRESS_CALLBACK[0] = on_done
     try:
@@ -282,7 +306,7 @@ def execute_with_prefect(rt: Runtime, run_id: str, plan: WorkPlan, on_done=None)
                 [list(u) for u in plan.attack_units],
                 [list(u) for u in plan.defend_units],
                 threads,
-                bool(gpus),
+                use_gpus,
             )
     finally:
         PROGRESS_CALLBACK[0] = None

@@ -119,6 +119,10 @@ class ClusterConfig(_Strict):
         default=None, ge=1, description="torch threads per worker (default: cores/workers)"
     )
     host: str = Field(default="127.0.0.1", description="interface the local scheduler and workers bind to")
+    gpu_resources: bool | None = Field(
+        default=None,
+        description="annotate GPU work with Dask resources {GPU: 1} (default: for local clusters with GPUs)",
+    )
     dashboard: bool = False
     in_process: bool = Field(default=False, description="run shards sequentially in this process (no Dask)")
 

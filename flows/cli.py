@@ -326,31 +326,29 @@ def demo(
     """The built-in benchmark end to end: prepares data if needed, runs every task, prints the reports."""
     _quiet_libraries(False)
     from equicore.datasets import prepare
-    from tasks.config import load_config, parse_config
+    from tasks.config import load_config
 
     _guard(prepare, log=lambda m: err_console.print(m, highlight=False))
     folder = DEMO_CONFIGS.parent / ("benchmark" if full else "demo")
     configs = sorted(folder.glob("*.yaml"))
     if not configs:
         _fail(f"no configs in {folder}")
-    from flows.pipeline import local_cluster, prefect_api
+    from flows.pipeline import run_many
 
     cfgs = [
         _guard(_apply_overrides, _guard(load_config, p), None, None, False, results_dir, cache_dir) for p in configs
     ]
-    failed = False
     t0 = time.perf_counter()
-    # One cluster and one Prefect API for all runs: starting them per run would cost more than a small run.
-    with local_cluster(workers) as (address, threads, gpus), prefect_api():
-        for path, cfg in zip(configs, cfgs, strict=True):
-            data = cfg.model_dump(mode="json")
-            data["cluster"].update(address=address, torch_threads=threads, gpu_resources=gpus)
-            cfg = _guard(parse_config, data, str(path))
-            err_console.print(f"[bold]== {path.name}[/]", highlight=False)
-            summary = _guard(_run_with_progress, cfg, quiet)
-            _print_summary(summary)
-            _print_report(summary.results_dir, summary.run_id, "markdown")
-            failed |= bool(summary.failed)
+    failed = False
+
+    def run_one(cfg):
+        err_console.print(f"[bold]== {cfg.name}[/]", highlight=False)
+        return _guard(_run_with_progress, cfg, quiet)
+
+    for summary in run_many(cfgs, workers, run_one):
+        _print_summary(summary)
+        _print_report(summary.results_dir, summary.run_id, "markdown")
+        failed |= bool(summary.failed)
     console.print(f"demo: {len(configs)} run(s) in {time.perf_counter() - t0:.0f} s", highlight=False)
     if failed:
         raise typer.Exit(1)

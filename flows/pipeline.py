@@ -269,6 +269,17 @@ def local_cluster(n_workers: int | None = None, host: str = "127.0.0.1") -> Iter
         yield cluster.scheduler_address, torch_threads_for(n), bool(gpus)
 
 
+def run_many(cfgs: list[RunConfig], n_workers: int | None = None, runner=None) -> Iterator[RunSummary]:
+    """Run several configs on ONE LocalCluster and ONE Prefect API (``equi demo``, benchmarks): starting them per
+    run would cost more than a small run. ``runner(cfg)`` runs one config (default :func:`run`). Yields summaries."""
+    runner = runner or run
+    with local_cluster(n_workers) as (address, threads, gpus), prefect_api():
+        for cfg in cfgs:
+            data = cfg.model_dump(mode="json")
+            data["cluster"].update(address=address, torch_threads=threads, gpu_resources=gpus)
+            yield runner(RunConfig.model_validate(data))
+
+
 def make_task_runner(cfg: RunConfig):
     from prefect_dask import DaskTaskRunner
 

@@ -224,7 +224,9 @@ def prefect_api() -> Iterator[None]:
 
     Without this, every worker process would start its own ephemeral server on the same SQLite file.
     """
-    if os.environ.get("PREFECT_API_URL"):
+    from prefect.settings import get_current_settings
+
+    if os.environ.get("PREFECT_API_URL") or get_current_settings().api.url:  # a server the user runs (with the UI)
         yield
         return
     from prefect.server.api.server import SubprocessASGIServer

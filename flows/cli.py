@@ -80,7 +80,14 @@ def _run_with_progress(cfg, quiet: bool):
 
         return pipeline.run(cfg, on_plan=on_plan)
     progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        # No stdout/stderr proxies: Dask pickles task functions, and rich's proxies hold locks.
+        redirect_stdout=False,
+        redirect_stderr=False,
     )
     bars: dict[str, int] = {}
 

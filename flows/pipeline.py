@@ -301,7 +301,8 @@ def make_task_runner(cfg: RunConfig):
 
 
 def execute_with_prefect(rt: Runtime, run_id: str, plan: WorkPlan, on_done=None) -> Outcome:
-    from flows.prefect_flow import PROGRESS_CALLBACK, evaluation_flow
+    from flows import progress
+    from flows.prefect_flow import evaluation_flow
 
     cfg = rt.cfg
     n_workers, gpus = default_workers(cfg)
@@ -310,7 +311,7 @@ def execute_with_prefect(rt: Runtime, run_id: str, plan: WorkPlan, on_done=None)
         cfg.cluster.gpu_resources if cfg.cluster.gpu_resources is not None else bool(gpus and not cfg.cluster.address)
     )
     runner = make_task_runner(cfg)
-    PROGRESS_CALLBACK[0] = on_done
+    progress.CALLBACK[0] = on_done
     try:
         with prefect_api():
             return evaluation_flow.with_options(task_runner=runner)(
@@ -322,7 +323,7 @@ def execute_with_prefect(rt: Runtime, run_id: str, plan: WorkPlan, on_done=None)
                 use_gpus,
             )
     finally:
-        PROGRESS_CALLBACK[0] = None
+        progress.CALLBACK[0] = None
 
 
 def run(cfg: RunConfig, *, on_plan=None, on_done=None) -> RunSummary:

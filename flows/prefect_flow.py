@@ -6,18 +6,15 @@ retries) is reported back as a failed unit; it does not fail the flow, so every 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import dask
 from prefect import flow
 from prefect.futures import as_completed
 
+from flows import progress
 from tasks.config import RunConfig
 from tasks.prefect_tasks import attack_shard_task, defend_shard_task
-
-# Progress callback of the calling process (a flow parameter would be serialised for the Prefect API).
-PROGRESS_CALLBACK: list[Callable[[str], None] | None] = [None]
 
 
 def _final(fut) -> tuple[bool, str]:
@@ -44,7 +41,7 @@ def evaluation_flow(
     torch_threads: int | None,
     use_gpus: bool,
 ) -> dict[tuple, tuple[str, str]]:
-    on_done = PROGRESS_CALLBACK[0]
+    on_done = progress.CALLBACK[0]  # not a parameter: parameters are serialised for the Prefect API
     cfg = RunConfig.model_validate_json(cfg_json)
     opts = {"retries": cfg.retries, "retry_delay_seconds": list(cfg.retry_delay_s) or 0}
     attack_task = attack_shard_task.with_options(**opts)

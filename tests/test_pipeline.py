@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import sys
 import time
 from pathlib import Path
@@ -79,7 +80,15 @@ def test_flow_on_local_cluster_matches_in_process_then_skips_then_repairs(tmp_pa
 def test_always_failing_shard_is_reported_and_others_complete(tmp_path, reference, monkeypatch):
     monkeypatch.setenv("EQUI_FAULTS", "defend:2:always")
     cfg = parse_config(tiny_config(tmp_path, cluster={"n_workers": 2, **THREADS}))
-    summary = pipeline.run(cfg)
+    # A progress callback holding a lock (like a rich progress bar) must not be shipped to the workers.
+    lock, seen = threading.Lock(), []
+
+    def on_done(kind: str) -> None:
+        with lock:
+            seen.append(kind)
+
+    summary = pipeline.run(cfg, on_done=on_done)
+    assert sorted(set(seen)) == ["attack", "defend"] and len(seen) == 4 + 16
     assert len(summary.failed) == 4 and {f["shard"] for f in summary.failed} == {2}
     assert all("injected fault" in f["error"] for f in summary.failed)
     st = pipeline.run_status(cfg.results_dir, cfg.run_id())

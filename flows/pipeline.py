@@ -233,11 +233,21 @@ def prefect_api() -> Iterator[None]:
 
     server = SubprocessASGIServer()
     server.start()
-    os.environ["PREFECT_API_URL"] = server.api_url
+    # Nobody reads a temporary API's logs, and log shipping after it stops only prints connection errors.
+    saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_LOGGING_TO_API_ENABLED")}
+    os.environ.update(PREFECT_API_URL=server.api_url, PREFECT_LOGGING_TO_API_ENABLED="false")
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
+
     try:
-        yield
+        # The environment reaches worker processes; this process's settings were read at import.
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url, PREFECT_LOGGING_TO_API_ENABLED: False}):
+            yield
     finally:
-        os.environ.pop("PREFECT_API_URL", None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         server.stop()
 
 

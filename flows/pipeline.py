@@ -231,6 +231,7 @@ def prefect_api() -> Iterator[None]:
         return
     from prefect.server.api.server import SubprocessASGIServer
 
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines: no telemetry attempts
     server = SubprocessASGIServer()
     server.start()
     # Nobody reads a temporary API's logs, and log shipping after it stops only prints connection errors.

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import io
 import json
 import math
 import os
@@ -35,6 +34,7 @@ import equicore.models  # noqa: F401  (registers the models)
 from equicore.datasets.base import Sample
 from equicore.errors import InvalidInputError
 from equicore.metrics import AccuracyState, ConfusionState
+from equicore.metrics.coco import coco_mask_stats
 from equicore.models.checkpoint import read_card, save_checkpoint, weights_digest
 from equicore.models.common import WEIGHTS_DIR
 from equicore.registry import DATASETS, MODELS
@@ -724,8 +724,6 @@ def _coco_mask_ap(
     ``mask_threshold`` and RLE-encoded with ``pycocotools.mask.encode``. Returns (AP, the 12 COCOeval stats).
     """
     from pycocotools import mask as mask_utils
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
 
     if len(gt_dataset) != len(predictions):
         raise InvalidInputError(f"_coco_mask_ap: {len(gt_dataset)} samples but {len(predictions)} predictions")
@@ -770,16 +768,9 @@ def _coco_mask_ap(
                 dets.append({"image_id": k, "category_id": int(lab), "segmentation": r, "score": float(sc)})
     if not anns or not dets:
         return 0.0, [0.0] * 12
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = {"images": images, "annotations": anns, "categories": categories}
-        gt.createIndex()
-        dt = gt.loadRes(dets)
-        ev = COCOeval(gt, dt, iouType="segm")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    stats = [float(v) for v in ev.stats]
+    # The same evaluation as the pipeline's mask AP metric (undefined stats come back as NaN there, -1 here).
+    stats = coco_mask_stats({"images": images, "annotations": anns, "categories": categories}, dets)
+    stats = [-1.0 if math.isnan(v) else v for v in stats]
     return max(0.0, stats[0]) * 100.0, stats
 
 

@@ -877,6 +877,7 @@ def render_model_cards(
             + _load_note(mach)
             + ".",
             f"- **Reproduce:** `{c['commands']['script']}` (or `{c['commands']['cli']}`).",
+            *([f"- **Notes:** {c['notes']}"] if c.get("notes") else []),
             f"- **Checkpoint:** `{c['checkpoint']}`, {c.get('checkpoint_bytes', 0):,} B, weights digest "
             f"`{c['weights_digest']}`; trained {c['created']}.",
         ]

@@ -88,11 +88,6 @@ def view_features(
     return ViewFeatures(ref, inverted, masks, transformed, forwards)
 
 
-def masked_cosine(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Per-sample mean cosine between feature maps over the channel axis, averaged over valid pixels -> ``[B]``."""
-    return _masked_mean(F.cosine_similarity(a, b, dim=1, eps=1e-8), mask)
-
-
 def equivariance_score(vf: ViewFeatures) -> torch.Tensor:
     """Paper eq. 2 as a mean (not a sum) over views: ``[B]`` in [-1, 1]; higher is more equivariant. Averaging keeps
     the objective's scale independent of K and of batch size (each sample's score is its own)."""

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import os
 import platform
 import subprocess
 import time
-import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -395,11 +393,3 @@ def resume(run_id: str, results_dir: str) -> RunSummary:
     if cfg.run_id() != run_id:
         raise ConfigError(f"run {run_id}: its manifest's config hashes to {cfg.run_id()} (edited by hand?)")
     return run(cfg)
-
-
-def format_exception(exc: BaseException) -> str:
-    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
-
-
-def manifest_json(results_dir: str, run_id: str) -> str:
-    return json.dumps(R.read_run_manifest(results_dir, run_id), indent=2)

@@ -299,7 +299,3 @@ def reduce_run(rt: Runtime, run_id: str, provenance: dict[str, Any]) -> list[dic
                 )
     R.write_results_table(cfg.results_dir, run_id, rows)
     return rows
-
-
-def canonical_config(cfg: RunConfig) -> str:
-    return canonical_json(cfg.model_dump(mode="json"))

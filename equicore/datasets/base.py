@@ -7,9 +7,12 @@ and a target whose form depends on ``task`` (see docs/ARCHITECTURE.md). Errors o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,3 +307,19 @@ def collate(samples: Sequence[Sample]) -> tuple[torch.Tensor, Any, list[str]]:
     else:
         targets = torch.tensor([int(s.target) for s in samples], dtype=torch.long)
     return images, targets, ids
+
+
+@contextlib.contextmanager
+def atomic_directory(dest: Path) -> Iterator[Path]:
+    """Fill a temporary sibling folder, then swap it in for ``dest``: a crash never leaves a half-written folder
+    that a later run would take as complete."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

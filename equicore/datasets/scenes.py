@@ -21,9 +21,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +35,7 @@ from equicore.datasets.base import (
     Sample,
     SampleDataset,
     as_hw,
+    atomic_directory,
     default_data_dir,
     files_digest,
     masks_to_boxes,
@@ -285,18 +283,10 @@ def build_scene_cache(ds: FashionScenes, data_dir: Path) -> Path:
         img, inst, lab, kp, src = compose_scene(cfg, i, ds._pool_images, ds._pool_labels, ds._photos)
         images[i], instances[i] = img, inst
         labels[i, : len(lab)], keep[i, : len(lab)], sources[i, : len(lab)] = lab, kp, src
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         for name, arr in zip(_CACHE_FILES, (images, instances, labels, keep, sources), strict=True):
             np.save(tmp / name, arr)
         (tmp / "config.json").write_text(json.dumps({**asdict(cfg), "version": SCENE_VERSION}, indent=1))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

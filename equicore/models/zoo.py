@@ -46,6 +46,16 @@ class NormalizedResNet(ResNet):
         return super().forward(self.normalize(x))
 
 
+# Named modules of a torchvision Mask R-CNN whose outputs can serve as dense features.
+MASKRCNN_FEATURE_LAYERS = (
+    "backbone.body.layer1",
+    "backbone.body.layer2",
+    "backbone.body.layer3",
+    "backbone.body.layer4",
+    "backbone.fpn",
+)
+
+
 @MODELS.register(
     "resnet50",
     task="classification",
@@ -165,13 +175,7 @@ _register_segmentation("fcn_resnet50", segmentation.fcn_resnet50, 8, "resnet50",
     task="instance",
     dataset="coco",
     num_classes=91,
-    feature_layers=(
-        "backbone.body.layer1",
-        "backbone.body.layer2",
-        "backbone.body.layer3",
-        "backbone.body.layer4",
-        "backbone.fpn",
-    ),
+    feature_layers=MASKRCNN_FEATURE_LAYERS,
     weights=None,
 )
 def maskrcnn_resnet50_fpn(num_classes: int = 91, checkpoint: CheckpointPath = None) -> nn.Module:
@@ -220,13 +224,7 @@ class TinyResNet(nn.Module):
     dataset="builtin_scenes",
     input_shape=(3, 96, 96),
     num_classes=11,
-    feature_layers=(
-        "backbone.body.layer1",
-        "backbone.body.layer2",
-        "backbone.body.layer3",
-        "backbone.body.layer4",
-        "backbone.fpn",
-    ),
+    feature_layers=MASKRCNN_FEATURE_LAYERS,
     weights=None,
 )
 def maskrcnn_small(

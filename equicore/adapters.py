@@ -60,9 +60,7 @@ class TaskAdapter(ABC):
 
     def check_logits(self, logits: torch.Tensor) -> torch.Tensor:
         if self.num_classes is not None and logits.shape[1] != self.num_classes:
-            raise InvalidInputError(
-                f"model outputs {logits.shape[1]} classes but the dataset has {self.num_classes}"
-            )
+            raise InvalidInputError(f"model outputs {logits.shape[1]} classes but the dataset has {self.num_classes}")
         return logits
 
 

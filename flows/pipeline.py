@@ -29,7 +29,9 @@ from tasks.runtime import Runtime, build_runtime, code_version, plan_shards, tor
 
 @dataclass
 class WorkPlan:
-    attack_units: list[tuple[int, int]]  # (attack index, shard) still to compute
+    # (attack index, defense index, shard) still to compute; defense index -1 for attacks that do not see the
+    # defense (their images serve every defense), the defense's index for BPDA/AA.
+    attack_units: list[tuple[int, int, int]]
     defend_units: list[tuple[int, int, int]]  # (attack index, defense index, shard) still to compute
     n_shards: int
     total_defend: int
@@ -100,20 +102,22 @@ def plan_work(rt: Runtime, run_id: str, cache: AdversarialCache) -> WorkPlan:
     n_shards = len(plan_shards(rt.indices, cfg.shard_size))
     attack_units, defend_units = [], []
     for ai, attack in enumerate(cfg.attacks):
-        a_key = compute.attack_key(rt, attack)
-        d_keys = [compute.defense_key(rt, attack, d) for d in cfg.defenses]
+        # One attack unit per shard, or per (defense, shard) for defense-aware attacks.
+        targets = sorted({compute.attack_defense_index(cfg, ai, di) for di in range(len(cfg.defenses))})
         for shard in range(n_shards):
-            pending = [
-                di for di, dk in enumerate(d_keys) if not R.shard_done(cfg.results_dir, run_id, a_key, dk, shard)
-            ]
-            defend_units += [(ai, di, shard) for di in pending]
+            for di, defense in enumerate(cfg.defenses):
+                a_key, d_key = compute.attack_key(rt, attack, defense), compute.defense_key(rt, attack, defense)
+                if not R.shard_done(cfg.results_dir, run_id, a_key, d_key, shard):
+                    defend_units.append((ai, di, shard))
             if attack.name == CLEAN:
                 continue
-            # A cache entry that fails its checksum (a corrupt or deleted chunk) is regenerated even when every
-            # defense of the shard is done: the cache is shared with later runs and must stay trustworthy.
-            if not cache.has(a_key, shard) or not cache.verify(a_key, shard):
-                cache.invalidate(a_key, shard)
-                attack_units.append((ai, shard))
+            for tdi in targets:
+                a_key = compute.attack_key(rt, attack, compute.attack_defense(cfg, tdi))
+                # A cache entry that fails its checksum (a corrupt or deleted chunk) is regenerated even when every
+                # defense of the shard is done: the cache is shared with later runs and must stay trustworthy.
+                if not cache.has(a_key, shard) or not cache.verify(a_key, shard):
+                    cache.invalidate(a_key, shard)
+                    attack_units.append((ai, tdi, shard))
     return WorkPlan(attack_units, defend_units, n_shards, len(cfg.attacks) * len(cfg.defenses) * n_shards)
 
 
@@ -121,8 +125,8 @@ def unit_records(rt: Runtime) -> list[dict[str, Any]]:
     """The (attack, defense) units with their storage keys, so status/report need not rebuild the model."""
     out = []
     for attack in rt.cfg.attacks:
-        a_key = compute.attack_key(rt, attack)
         for defense in rt.cfg.defenses:
+            a_key = compute.attack_key(rt, attack, defense)
             d_key = compute.defense_key(rt, attack, defense)
             out.append(
                 {
@@ -194,16 +198,17 @@ def execute_in_process(rt: Runtime, run_id: str, plan: WorkPlan, on_done=None) -
         torch.set_num_threads(rt.cfg.cluster.torch_threads)
     cache = AdversarialCache(rt.cfg.cache_dir)
     outcome: Outcome = {}
-    for ai, shard in plan.attack_units:
+    for ai, tdi, shard in plan.attack_units:
         try:
-            compute.attack_shard(rt, cache, rt.cfg.attacks[ai], shard)
-            outcome[("attack", ai, shard)] = ("ok", "")
+            compute.attack_shard(rt, cache, rt.cfg.attacks[ai], shard, compute.attack_defense(rt.cfg, tdi))
+            outcome[("attack", ai, tdi, shard)] = ("ok", "")
         except Exception as e:  # noqa: BLE001  (recorded as a failed shard; the run goes on)
-            outcome[("attack", ai, shard)] = ("failed", _short_error(e))
+            outcome[("attack", ai, tdi, shard)] = ("failed", _short_error(e))
         if on_done:
             on_done("attack")
     for ai, di, shard in plan.defend_units:
-        if outcome.get(("attack", ai, shard), ("ok", ""))[0] == "failed":
+        upstream = ("attack", ai, compute.attack_defense_index(rt.cfg, ai, di), shard)
+        if outcome.get(upstream, ("ok", ""))[0] == "failed":
             outcome[("defend", ai, di, shard)] = ("failed", "skipped: its attack shard failed")
         else:
             try:
@@ -231,7 +236,8 @@ def prefect_api() -> Iterator[None]:
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines: no telemetry attempts
     server = SubprocessASGIServer()
-    server.start()
+    # Prefect's default startup wait (20 s) is too short on a loaded machine; an overnight run must not fail on it.
+    server.start(timeout=int(os.environ.get("EQUI_PREFECT_STARTUP_TIMEOUT_S", "180")))
     # Nobody reads a temporary API's logs, and log shipping after it stops only prints connection errors.
     saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_LOGGING_TO_API_ENABLED")}
     os.environ.update(PREFECT_API_URL=server.api_url, PREFECT_LOGGING_TO_API_ENABLED="false")
@@ -371,13 +377,14 @@ def record_outcome(cfg: RunConfig, rt: Runtime, run_id: str, outcome: Outcome) -
     failed = []
     for unit, (status, message) in sorted(outcome.items(), key=lambda kv: str(kv[0])):
         if unit[0] == "attack":
-            _, ai, shard = unit
-            key = compute.unit_key(compute.attack_key(rt, cfg.attacks[ai]))
-            label = f"attack {cfg.attacks[ai].name}"
+            _, ai, tdi, shard = unit
+            target = compute.attack_defense(cfg, tdi)
+            key = compute.unit_key(compute.attack_key(rt, cfg.attacks[ai], target))
+            label = f"attack {cfg.attacks[ai].name}" + (f" against {target.name}" if target is not None else "")
         else:
             _, ai, di, shard = unit
             attack, defense = cfg.attacks[ai], cfg.defenses[di]
-            key = compute.unit_key(compute.attack_key(rt, attack), compute.defense_key(rt, attack, defense))
+            key = compute.unit_key(compute.attack_key(rt, attack, defense), compute.defense_key(rt, attack, defense))
             label = f"attack {attack.name} / defense {defense.name}"
         if status == "ok":
             R.clear_failed(cfg.results_dir, run_id, key, shard)

@@ -13,6 +13,7 @@ from prefect import flow
 from prefect.futures import as_completed
 
 from flows import progress
+from tasks.compute import attack_defense_index
 from tasks.config import RunConfig
 from tasks.prefect_tasks import attack_shard_task, defend_shard_task
 
@@ -50,12 +51,12 @@ def evaluation_flow(
     futures: dict[Any, tuple] = {}
     attack_futs = {}
     with dask.annotate(**annotations):
-        for ai, shard in attack_units:
-            fut = attack_task.submit(cfg_json, ai, shard, torch_threads)
-            attack_futs[(ai, shard)] = fut
-            futures[fut] = ("attack", ai, shard)
+        for ai, tdi, shard in attack_units:
+            fut = attack_task.submit(cfg_json, ai, tdi, shard, torch_threads)
+            attack_futs[(ai, tdi, shard)] = fut
+            futures[fut] = ("attack", ai, tdi, shard)
         for ai, di, shard in defend_units:
-            upstream = attack_futs.get((ai, shard))
+            upstream = attack_futs.get((ai, attack_defense_index(cfg, ai, di), shard))
             fut = defend_task.submit(
                 cfg_json, run_id, ai, di, shard, torch_threads, wait_for=[upstream] if upstream else None
             )

@@ -36,9 +36,14 @@ def _ordered(values: Sequence[str]) -> list[str]:
 
 
 def _label(name: str, params_json: str | None, duplicates: bool) -> str:
+    params = json.loads(params_json) if isinstance(params_json, str) and params_json else params_json
+    if isinstance(params, dict) and "lambda_e_sweep" in params:  # the worst case of an AA sweep
+        sweep = ", ".join(f"{v:g}" for v in params["lambda_e_sweep"])
+        return f"{name} (lambda_e in {{{sweep}}}; worst {params['worst_lambda_e']:g})"
     if not duplicates or not params_json:
         return name
-    params = json.loads(params_json) if isinstance(params_json, str) else params_json
+    if isinstance(params, dict) and "lambda_e" in params:
+        return f"{name} (lambda_e={params['lambda_e']:g})"
     eps = params.get("eps") if isinstance(params, dict) else None
     return f"{name} (eps={eps:g})" if isinstance(eps, (int, float)) else f"{name} {params_json}"
 
@@ -101,7 +106,12 @@ def build_tables(rows: list[dict[str, Any]]) -> list[Table]:
 
 def gradient_masking_warnings(rows: list[dict[str, Any]]) -> list[str]:
     """AutoAttack-style sanity check: a test-time (optimising or randomised) defense is only as strong as its
-    evaluation under BPDA and defense-aware adaptive attacks."""
+    evaluation under BPDA and defense-aware adaptive attacks. Uses the results table's ``masking_warning`` column
+    (set at reduce time from the defenses' declared properties and the attacks run); tables written before that
+    column existed fall back to defense and attack names."""
+    if rows and "masking_warning" in rows[0]:
+        flagged = sorted({r["masking_warning"] for r in rows if r.get("masking_warning")})
+        return [f"WARNING (gradient masking): {w}." for w in flagged]
     attacks = {r["attack"] for r in rows}
     adaptive = any(a.startswith(ADAPTIVE_ATTACKS) for a in attacks)
     defenses = sorted({r["defense"] for r in rows if r["defense"] in TEST_TIME_DEFENSES})

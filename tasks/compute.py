@@ -31,12 +31,15 @@ from tasks.config import CLEAN, TASK_METRICS, AttackConfig, DefenseConfig, RunCo
 from tasks.faults import maybe_fail
 from tasks.runtime import Runtime, code_version, plan_shards, to_numpy_images
 
+CLEAN_ATTACK = AttackConfig(name=CLEAN)  # resolves a defense's budgets without an attack (reference eps)
+
 
 # ---------------------------------------------------------------------------------------------------- identities
-def attack_identity(rt: Runtime, attack: AttackConfig) -> dict[str, Any]:
-    """Everything the adversarial images depend on (the cache key is its hash + the code version)."""
+def attack_identity(rt: Runtime, attack: AttackConfig, defense: DefenseConfig | None = None) -> dict[str, Any]:
+    """Everything the adversarial images depend on (the cache key is its hash + the code version); for a
+    defense-aware attack (BPDA, AA) that includes the defense with its resolved budgets."""
     params = build_attack(attack.name, **attack.params()).params() if attack.name != CLEAN else {}
-    return {
+    ident: dict[str, Any] = {
         "dataset": rt.dataset_fingerprint,
         "indices": content_key(rt.indices, ""),
         "shard_size": rt.cfg.shard_size,
@@ -49,12 +52,27 @@ def attack_identity(rt: Runtime, attack: AttackConfig) -> dict[str, Any]:
         "attack": {"name": attack.name, **params},
         "seed": rt.cfg.seed,
     }
+    if attack.defense_aware:
+        if defense is None:
+            raise ValueError(f"attack {attack.name!r} is defense-aware: its identity needs the defense")
+        ident["defense"] = resolved_defense(rt, attack, defense).params()
+    return ident
 
 
-def attack_key(rt: Runtime, attack: AttackConfig) -> str:
+def attack_key(rt: Runtime, attack: AttackConfig, defense: DefenseConfig | None = None) -> str:
+    """Content key of the attack's images. ``defense`` is used only by defense-aware attacks."""
     if attack.name == CLEAN:
         return CLEAN
-    return content_key(attack_identity(rt, attack), code_version())
+    return content_key(attack_identity(rt, attack, defense), code_version())
+
+
+def attack_defense_index(cfg: RunConfig, attack_index: int, defense_index: int) -> int:
+    """The defense an attack unit is generated against: ``defense_index`` for BPDA/AA, -1 (none) otherwise."""
+    return defense_index if cfg.attacks[attack_index].defense_aware else -1
+
+
+def attack_defense(cfg: RunConfig, defense_index: int) -> DefenseConfig | None:
+    return cfg.defenses[defense_index] if defense_index >= 0 else None
 
 
 def resolved_defense(rt: Runtime, attack: AttackConfig, defense: DefenseConfig):
@@ -96,9 +114,12 @@ def seeds_for(rt: Runtime, ids: list[str], purpose: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------------- attack
-def attack_shard(rt: Runtime, cache: AdversarialCache, attack: AttackConfig, shard: int) -> dict[str, Any]:
-    """Compute and cache one shard's adversarial images unless a verified entry exists."""
-    key = attack_key(rt, attack)
+def attack_shard(
+    rt: Runtime, cache: AdversarialCache, attack: AttackConfig, shard: int, defense: DefenseConfig | None = None
+) -> dict[str, Any]:
+    """Compute and cache one shard's adversarial images unless a verified entry exists. ``defense``: the defense a
+    defense-aware attack (BPDA, AA) attacks; ignored by the others."""
+    key = attack_key(rt, attack, defense)
     if cache.has(key, shard):
         return {"status": "cached", "key": key, "shard": shard, "seconds": 0.0}
     maybe_fail("attack", shard)
@@ -107,19 +128,28 @@ def attack_shard(rt: Runtime, cache: AdversarialCache, attack: AttackConfig, sha
     spec = build_attack(attack.name, **attack.params())
     # Seeds depend on the attack and the sample only (not on shard size or position), so any sharding agrees.
     seeds = seeds_for(rt, data.ids, "attack:" + canonical_json(spec.params()))
+    target = resolved_defense(rt, attack, defense) if attack.defense_aware and defense is not None else None
     out = []
     for sl in _batches(len(data.ids), rt.cfg.batch_size):
-        out.append(run_attack(spec, rt.adapter, data.images[sl], data.labels[sl], seeds[sl]).x_adv)
+        result = run_attack(spec, rt.adapter, data.images[sl], data.labels[sl], seeds[sl], defense=target)
+        out.append(result.x_adv)
     x_adv = torch.cat(out)
-    meta = {"identity": attack_identity(rt, attack), "code_version": code_version()}
+    meta = {"identity": attack_identity(rt, attack, defense), "code_version": code_version()}
     cache.write(key, shard, to_numpy_images(x_adv), data.ids, meta)
     return {"status": "computed", "key": key, "shard": shard, "seconds": time.perf_counter() - t0}
 
 
-def adversarial_images(rt: Runtime, cache: AdversarialCache, attack: AttackConfig, shard: int, data: ShardData):
+def adversarial_images(
+    rt: Runtime,
+    cache: AdversarialCache,
+    attack: AttackConfig,
+    shard: int,
+    data: ShardData,
+    defense: DefenseConfig | None = None,
+):
     if attack.name == CLEAN:
         return data.images
-    key = attack_key(rt, attack)
+    key = attack_key(rt, attack, defense)
     try:
         array, ids = cache.read(key, shard)
     except CacheCorruptError:
@@ -174,14 +204,14 @@ def _equivariance(rt: Runtime, x: torch.Tensor) -> torch.Tensor:
 def defend_shard(
     rt: Runtime, cache: AdversarialCache, attack: AttackConfig, defense: DefenseConfig, shard: int, run_id: str
 ) -> dict[str, Any]:
-    a_key, d_key = attack_key(rt, attack), defense_key(rt, attack, defense)
+    a_key, d_key = attack_key(rt, attack, defense), defense_key(rt, attack, defense)
     results_dir = rt.cfg.results_dir
     if R.shard_done(results_dir, run_id, a_key, d_key, shard):
         return {"status": "done-before", "shard": shard, "seconds": 0.0}
     maybe_fail("defend", shard)
     t0 = time.perf_counter()
     data = load_shard(rt, shard)
-    x_in = adversarial_images(rt, cache, attack, shard, data)
+    x_in = adversarial_images(rt, cache, attack, shard, data, defense)
     spec = resolved_defense(rt, attack, defense)
     seeds = seeds_for(rt, data.ids, f"defense:{d_key}")
     names = metric_names(rt, attack)
@@ -257,7 +287,7 @@ def reduce_run(rt: Runtime, run_id: str, provenance: dict[str, Any]) -> list[dic
     rows: list[dict[str, Any]] = []
     for ai, di in units(cfg):
         attack, defense = cfg.attacks[ai], cfg.defenses[di]
-        a_key, d_key = attack_key(rt, attack), defense_key(rt, attack, defense)
+        a_key, d_key = attack_key(rt, attack, defense), defense_key(rt, attack, defense)
         states: dict[str, list] = {}
         seconds, done = 0.0, 0
         for shard in range(n_shards):
@@ -297,5 +327,88 @@ def reduce_run(rt: Runtime, run_id: str, provenance: dict[str, Any]) -> list[dic
                         "defense_key": d_key,
                     }
                 )
+    rows += sweep_worst_rows(cfg, rows)
+    annotate_gradient_masking(rt, rows)
     R.write_results_table(cfg.results_dir, run_id, rows)
     return rows
+
+
+# Which way is worse for the defender: the attack's worst case over a sweep takes the min (or the max).
+_WORSE = {"accuracy": min, "miou": min, "mask_ap": min, "miou_to_target": max}
+WORST_SUFFIX = ":worst"
+
+
+def sweep_worst_rows(cfg: RunConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each ``lambda_e`` sweep of the adaptive attack: the worst case over its values per (defense, metric),
+    as rows of attack ``aa:worst`` naming the lambda_e that achieved it (paper: "we search the optimal lambda_e")."""
+    groups: dict[str, list[AttackConfig]] = {}
+    for a in cfg.attacks:
+        if (g := a.sweep_group()) is not None:
+            groups.setdefault(g, []).append(a)
+    out = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        lambdas = sorted(float(a.params().get("lambda_e", 1.0)) for a in members)
+        member_params = [a.params() for a in members]
+        by_cell: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        for r in rows:
+            if r["attack_params"] in member_params and r["metric"] in _WORSE:
+                by_cell.setdefault((r["defense"], r["defense_key"], r["metric"]), []).append(r)
+        for (_, _, metric), cell in by_cell.items():
+            if len(cell) < len(members):
+                continue  # a sweep value is missing (failed shards): no worst case claimed
+            worst = _WORSE[metric](cell, key=lambda r: r["value"])
+            params = {k: v for k, v in worst["attack_params"].items() if k != "lambda_e"}
+            out.append(
+                {
+                    **worst,
+                    "attack": worst["attack"] + WORST_SUFFIX,
+                    "attack_params": {
+                        **params,
+                        "lambda_e_sweep": lambdas,
+                        "worst_lambda_e": worst["attack_params"].get("lambda_e", 1.0),
+                    },
+                    "shards_done": min(r["shards_done"] for r in cell),
+                    "wall_time_s": sum(r["wall_time_s"] for r in cell),
+                    "attack_key": "+".join(sorted({r["attack_key"] for r in cell})),
+                }
+            )
+    return out
+
+
+def annotate_gradient_masking(rt: Runtime, rows: list[dict[str, Any]]) -> None:
+    """AutoAttack-style flags on every row: a test-time-optimising or randomised defense must be evaluated with BPDA
+    (with EOT when randomised) and with the defense-aware attack AA; rows of a defense missing either say so."""
+    evaluated: dict[str, set[str]] = {}
+    for a in rt.cfg.attacks:
+        if not a.defense_aware:
+            continue
+        spec = build_attack(a.name, **a.params())
+        for d in rt.cfg.defenses:
+            defense = resolved_defense(rt, a, d)
+            if spec.adaptive == "bpda" and defense.randomized and spec.eot < 2:
+                evaluated.setdefault(d.name, set()).add("bpda-no-eot")
+            else:
+                evaluated.setdefault(d.name, set()).add(str(spec.adaptive))
+    for r in rows:
+        d = next(d for d in rt.cfg.defenses if d.name == r["defense"])
+        spec = resolved_defense(rt, CLEAN_ATTACK, d)
+        test_time, randomized = bool(spec.optimizes_at_test_time), bool(spec.randomized)
+        done = evaluated.get(d.name, set())
+        missing = []
+        if test_time or randomized:
+            if "bpda" not in done:
+                missing.append("BPDA with EOT" if randomized and "bpda-no-eot" in done else "BPDA")
+            if test_time and "aa" not in done:
+                missing.append("AA")
+        r["defense_test_time"] = test_time
+        r["defense_randomized"] = randomized
+        r["attack_defense_aware"] = r["attack"].split(":")[0] in {a.name for a in rt.cfg.attacks if a.defense_aware}
+        r["masking_warning"] = (
+            f"{d.name} is a {'test-time' if test_time else 'randomised'} defense not evaluated with "
+            + " or ".join(missing)
+            + ": its robust numbers may reflect gradient masking"
+            if missing
+            else ""
+        )

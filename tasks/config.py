@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from equicore.errors import EquirobustError
-from equicore.registry import DATASETS, DEFENSES, MODELS
+from equicore.registry import ATTACKS, DATASETS, DEFENSES, LOSSES, MODELS
 
 CLEAN = "clean"  # the pseudo-attack that leaves images unchanged (the "Clean" row of the paper's tables)
 TASK_METRICS = {"classification": "accuracy", "segmentation": "miou", "instance": "mask_ap"}
@@ -89,6 +89,17 @@ class AttackConfig(_Strict):
 
         return build_attack(self.name, **self.params()).eps
 
+    @property
+    def defense_aware(self) -> bool:
+        """BPDA / AA: the adversarial images depend on the defense, so they are generated per defense."""
+        return self.name != CLEAN and bool(ATTACKS.meta(self.name).get("defense_aware"))
+
+    def sweep_group(self) -> str | None:
+        """Entries of one ``lambda_e`` sweep share this label (the attack minus lambda_e); None outside sweeps."""
+        if self.name != "aa":
+            return None
+        return canonical({"name": self.name, **{k: v for k, v in self.params().items() if k != "lambda_e"}})
+
 
 class DefenseConfig(_Strict):
     model_config = ConfigDict(extra="allow", frozen=True)
@@ -127,6 +138,23 @@ class ClusterConfig(_Strict):
     in_process: bool = Field(default=False, description="run shards sequentially in this process (no Dask)")
 
 
+def expand_sweeps(data: Any) -> Any:
+    """``{name: aa, lambda_e: [0.1, 1, 10]}`` -> one attack entry per value (each cached and scored on its own; the
+    results table adds the worst case over the sweep)."""
+    if not isinstance(data, dict) or not isinstance(data.get("attacks"), list):
+        return data
+    attacks: list[Any] = []
+    for entry in data["attacks"]:
+        values = entry.get("lambda_e") if isinstance(entry, dict) else None
+        if isinstance(values, list):
+            if not values:
+                raise ValueError(f"attack {entry.get('name')!r}: lambda_e sweep is empty")
+            attacks += [{**entry, "lambda_e": v} for v in values]
+        else:
+            attacks.append(entry)
+    return {**data, "attacks": attacks}
+
+
 class RunConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     dataset: DatasetConfig
@@ -146,6 +174,32 @@ class RunConfig(_Strict):
     retries: int = Field(default=2, ge=0, le=20)
     retry_delay_s: list[float] = Field(default_factory=lambda: [2.0, 10.0])
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_sweeps(cls, data: Any) -> Any:
+        return expand_sweeps(data)
+
+    @model_validator(mode="after")
+    def _attacks_fit_task(self) -> RunConfig:
+        # Fail at load time, not on a worker hours later: e.g. Houdini is a segmentation attack.
+        task = MODELS.meta(self.model.name).get("task")
+        if not task:
+            return self
+        from equicore.attacks import build_attack
+
+        for i, a in enumerate(self.attacks):
+            if a.name == CLEAN:
+                continue
+            spec = build_attack(a.name, **a.params())
+            tasks = LOSSES.meta(spec.loss).get("tasks", ())
+            if tasks and task not in tasks:
+                raise ConfigError(
+                    f"attacks.{i} ({a.name}): loss {spec.loss!r} is not defined for {task} models (only {list(tasks)})"
+                )
+            if spec.targeted and task == "instance":
+                raise ConfigError(f"attacks.{i} ({a.name}): targeted attacks are not defined for instance models")
+        return self
 
     @model_validator(mode="after")
     def _batches_align(self) -> RunConfig:

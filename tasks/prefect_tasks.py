@@ -32,11 +32,15 @@ def _retryable(task_obj, task_run, state) -> bool:
     name="attack-shard",
     cache_policy=NO_CACHE,
     retry_condition_fn=_retryable,
-    task_run_name="attack[{attack_index}] shard {shard}",
+    task_run_name="attack[{attack_index}] against[{defense_index}] shard {shard}",
 )
-def attack_shard_task(cfg_json: str, attack_index: int, shard: int, torch_threads: int | None = None) -> dict[str, Any]:
+def attack_shard_task(
+    cfg_json: str, attack_index: int, defense_index: int, shard: int, torch_threads: int | None = None
+) -> dict[str, Any]:
+    """``defense_index`` is -1 unless the attack is defense-aware (BPDA, AA)."""
     rt = get_runtime(cfg_json, torch_threads)
-    return compute.attack_shard(rt, AdversarialCache(rt.cfg.cache_dir), rt.cfg.attacks[attack_index], shard)
+    attack, defense = rt.cfg.attacks[attack_index], compute.attack_defense(rt.cfg, defense_index)
+    return compute.attack_shard(rt, AdversarialCache(rt.cfg.cache_dir), attack, shard, defense)
 
 
 @task(

@@ -10,11 +10,21 @@ import torch.nn.functional as F
 
 import equicore  # noqa: F401  (registrations)
 from equicore.adapters import pixel_cross_entropy
-from equicore.attacks import Attack, build_attack, build_loss, project, projected_gradient, run_attack
+from equicore.attacks import Attack, build_attack, build_loss, project, projected_gradient
+from equicore.attacks import run_attack as _run_attack
+from equicore.defenses import build_defense
 from equicore.registry import ATTACKS, LOSSES
 from tests.models_for_tests import IGNORE_INDEX, TASKS, TaskSetup, make_task
 
 NORMS = {"linf": 8.0, "l2": 96.0}  # budgets in /255 units
+
+# What the defense-aware attacks (BPDA, AA) attack in these contracts: a small randomised equivariance defense.
+ADAPTIVE_TARGET = build_defense("equivariance", steps=2, views="flip", eps_v=4.0)
+
+
+def run_attack(attack, adapter, x, y, seeds=None, **kw):
+    """Every registered attack through one call; defense-aware ones attack ``ADAPTIVE_TARGET``."""
+    return _run_attack(attack, adapter, x, y, seeds, defense=ADAPTIVE_TARGET, **kw)
 
 
 def attack_tasks(name: str) -> tuple[str, ...]:

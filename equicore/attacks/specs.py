@@ -14,13 +14,17 @@ from typing import Any
 import torch
 
 from equicore.adapters import TaskAdapter
+from equicore.attacks.adaptive import adaptive_loss, bpda_loss
 from equicore.attacks.loop import NORMS, LossFn, projected_gradient
 from equicore.attacks.losses import build_loss
+from equicore.defenses.base import Defense
 from equicore.errors import InvalidInputError
 from equicore.registry import ATTACKS, LOSSES
+from equicore.seeding import as_seed_list
 from equicore.validation import check_batch_match, check_eps, check_images
 
 TARGET_MODES = ("next", "least_likely")
+ADAPTIVE_KINDS = ("bpda", "aa")  # defense-aware attacks: run_attack needs the defense they attack
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,10 @@ class Attack:
     loss_params: dict[str, Any] = field(default_factory=dict)
     targeted: bool = False
     target: str = "next"  # how targets are chosen for targeted attacks: "next", "least_likely" or "class:<k>"
+    adaptive: str | None = None  # None, "bpda" or "aa" (set by the registered attack, not by users)
+    eot: int = 1  # BPDA: gradient averaged over this many draws of a randomised defense
+    lambda_e: float = 0.0  # AA: weight of the defense's self-consistency objective (paper eq. 6)
+    fallback_views: str = "paper"  # AA: equivariance views for defenses without an objective of their own
 
     def __post_init__(self) -> None:
         check_eps(self.eps, f"{self.name}.eps")
@@ -51,6 +59,23 @@ class Attack:
         LOSSES.get(self.loss)
         if self.target not in TARGET_MODES and not self.target.startswith("class:"):
             raise InvalidInputError(f"{self.name}.target: expected one of {TARGET_MODES} or 'class:<k>'")
+        if self.adaptive not in (None, *ADAPTIVE_KINDS):
+            raise InvalidInputError(f"{self.name}.adaptive: expected None or one of {ADAPTIVE_KINDS}")
+        if isinstance(self.eot, bool) or not isinstance(self.eot, int) or self.eot < 1:
+            raise InvalidInputError(f"{self.name}.eot: expected an integer >= 1, got {self.eot!r}")
+        if isinstance(self.lambda_e, bool) or not isinstance(self.lambda_e, (int, float)):
+            raise InvalidInputError(f"{self.name}.lambda_e: expected a number >= 0, got {self.lambda_e!r}")
+        if not 0 <= self.lambda_e < float("inf"):
+            raise InvalidInputError(f"{self.name}.lambda_e: expected a finite value >= 0, got {self.lambda_e!r}")
+        if self.eot != 1 and self.adaptive != "bpda":
+            raise InvalidInputError(f"{self.name}.eot: only BPDA averages over the defense's randomness")
+        if self.lambda_e != 0 and self.adaptive != "aa":
+            raise InvalidInputError(f"{self.name}.lambda_e: only the adaptive attack 'aa' has an equivariance term")
+
+    @property
+    def defense_aware(self) -> bool:
+        """True when the adversarial images depend on the defense (its cache key must include the defense)."""
+        return self.adaptive is not None
 
     def params(self) -> dict[str, Any]:
         """Canonical parameters (for cache keys and results tables)."""
@@ -105,8 +130,10 @@ def run_attack(
     y: torch.Tensor | Sequence[Mapping[str, Any]],
     seeds: Sequence[int] | torch.Tensor | None = None,
     loss_fn: LossFn | None = None,
+    defense: Defense | None = None,
 ) -> AttackResult:
-    """Build the attack's loss for this adapter and these labels (unless one is passed), then run the loop."""
+    """Build the attack's loss for this adapter and these labels (unless one is passed), wrap it with the defense
+    for BPDA/AA, then run the loop. ``defense`` must be given (with its budgets resolved) for those attacks."""
     # Images first: a 3-D image would otherwise be reported as a label batch-size mismatch, or reach the model.
     check_images(x, "attack input")
     if isinstance(y, torch.Tensor):
@@ -123,10 +150,17 @@ def run_attack(
     if loss_fn is None:
         labels = targets if targets is not None else y
         loss_fn = build_loss(attack.loss, adapter, labels, targeted=attack.targeted, **attack.loss_params)
+    if attack.defense_aware:
+        if defense is None:
+            raise InvalidInputError(f"attack {attack.name!r} is defense-aware: pass the defense it attacks")
+        if attack.adaptive == "bpda":
+            loss_fn = bpda_loss(loss_fn, defense, adapter, as_seed_list(seeds, x.shape[0]), attack.eot)
+        else:
+            loss_fn = adaptive_loss(loss_fn, defense, adapter, attack.lambda_e, attack.fallback_views)
     return AttackResult(attack.perturb(x, loss_fn, seeds), targets)
 
 
-_ACCEPTED = frozenset(f.name for f in dataclasses.fields(Attack)) - {"name"}
+_ACCEPTED = frozenset(f.name for f in dataclasses.fields(Attack)) - {"name", "adaptive"}
 
 
 def _factory(name: str, **defaults: Any):
@@ -157,10 +191,15 @@ _REGISTERED = {
     "mim": dict(steps=10, step_size=1.0, random_init=False, momentum=1.0),
     "cw": dict(steps=10, step_size=1.0, random_init=True, loss="cw"),
     "houdini": dict(steps=10, step_size=1.0, random_init=True, loss="houdini"),
+    # Defense-aware: PGD steps on a loss that sees the defense (straight through it, or its objective).
+    "bpda": dict(steps=10, step_size=1.0, random_init=True, adaptive="bpda"),
+    "aa": dict(steps=10, step_size=1.0, random_init=True, adaptive="aa", lambda_e=1.0),
 }
 
 for _name, _defaults in _REGISTERED.items():
-    ATTACKS.register(_name, loss=_defaults.get("loss", "ce"))(_factory(_name, **_defaults))
+    ATTACKS.register(_name, loss=_defaults.get("loss", "ce"), defense_aware=_defaults.get("adaptive") is not None)(
+        _factory(_name, **_defaults)
+    )
 
 
 def build_attack(name: str, **params: Any) -> Attack:

@@ -1,0 +1,92 @@
+"""Defense-aware losses for the one projected-gradient loop: BPDA (+EOT) and the adaptive attack (AA, eq. 6).
+
+Both wrap the attack's task loss (built outside, as for every attack) with the defense under attack:
+
+* ``bpda_loss``: the defense runs in the forward pass, the identity in the backward pass (Athalye et al. 2018):
+  ``x_st = x + stopgrad(h(x) - x)`` so ``d L(F(x_st)) / dx`` is the task-loss gradient AT THE PURIFIED IMAGE. For a
+  randomised defense the gradient is averaged over ``eot`` independent draws of its randomness (EOT); every draw of
+  every step has its own per-sample seed, so an image's attack never depends on its batch-mates.
+* ``adaptive_loss``: ``L_task(x) + lambda_e * S(x)`` where ``S`` is the defense's own self-consistency objective
+  (the equivariance score for the paper's defense; ``score`` of any defense that has one) evaluated AT THE
+  PERTURBED INPUT, so the gradient flows through it. (The official code computes the equivariance term on the
+  clean image, which makes its "AA" plain PGD.) Defenses with no objective (vanilla, random noise) get the
+  equivariance score over ``fallback_views``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from equicore.adapters import TaskAdapter
+from equicore.attacks.loop import LossFn
+from equicore.defenses.base import Defense
+from equicore.equivariance import OBJECTIVES, sample_view_params, view_features
+from equicore.errors import InvalidInputError
+from equicore.seeding import derive_seed
+from equicore.transforms import build_views
+
+
+def bpda_loss(task_loss: LossFn, defense: Defense, adapter: TaskAdapter, seeds: Sequence[int], eot: int = 1) -> LossFn:
+    """Straight-through (BPDA) loss through ``defense.purify``, averaged over ``eot`` draws of its randomness.
+
+    Deterministic defenses are purified once per step whatever ``eot`` says: the draws would be identical.
+    """
+    if isinstance(eot, bool) or not isinstance(eot, int) or eot < 1:
+        raise InvalidInputError(f"bpda.eot: expected an integer >= 1, got {eot!r}")
+    draws = eot if defense.randomized else 1
+    calls = [0]  # the loop calls the loss once per step, in order: the step index seeds that step's draws
+
+    def loss_fn(x: torch.Tensor) -> torch.Tensor:
+        step = calls[0]
+        calls[0] += 1
+        total = None
+        for k in range(draws):
+            draw_seeds = [derive_seed(s, "bpda", step, k) for s in seeds]
+            purified = defense.purify(adapter, x.detach(), draw_seeds)
+            straight_through = x + (purified - x).detach()
+            value = task_loss(straight_through)
+            total = value if total is None else total + value
+        return total / draws
+
+    return loss_fn
+
+
+def defense_objective(defense: Defense, fallback_views: str | Sequence = "paper"):
+    """``score(adapter, x, step) -> [B]``: the defense's own objective, or the equivariance score for defenses
+    without one (the attacker then keeps the image equivariant, as the paper's AA does)."""
+    score = getattr(defense, "score", None)
+    if callable(score):
+        return score
+    views = build_views(fallback_views)
+
+    def equivariance(adapter: TaskAdapter, x: torch.Tensor, step: int = 0) -> torch.Tensor:
+        params = sample_view_params(views, derive_seed("aa-views", step), tuple(x.shape[-2:]))
+        return OBJECTIVES["equivariance"](view_features(adapter.features, x, views, params))
+
+    return equivariance
+
+
+def adaptive_loss(
+    task_loss: LossFn,
+    defense: Defense,
+    adapter: TaskAdapter,
+    lambda_e: float,
+    fallback_views: str | Sequence = "paper",
+) -> LossFn:
+    """Paper eq. 6: maximise ``L_task(x_a) + lambda_e * S(x_a)`` with ``S`` differentiated at ``x_a``."""
+    if not lambda_e >= 0 or lambda_e == float("inf"):
+        raise InvalidInputError(f"aa.lambda_e: expected a finite value >= 0, got {lambda_e!r}")
+    objective = defense_objective(defense, fallback_views)
+    calls = [0]
+
+    def loss_fn(x: torch.Tensor) -> torch.Tensor:
+        step = calls[0]
+        calls[0] += 1
+        value = task_loss(x)
+        if lambda_e > 0:
+            value = value + lambda_e * objective(adapter, x, step)
+        return value
+
+    return loss_fn

@@ -333,14 +333,18 @@ def demo(
     """The built-in benchmark end to end: prepares data if needed, runs every task, prints the reports."""
     _quiet_libraries(False)
     from equicore.datasets import prepare
-    from tasks.config import load_config
 
     _guard(prepare, log=lambda m: err_console.print(m, highlight=False))
     folder = DEMO_CONFIGS.parent / ("benchmark" if full else "demo")
-    configs = sorted(folder.glob("*.yaml"))
+    _run_suite(sorted(folder.glob("*.yaml")), folder, "demo", results_dir, cache_dir, workers, quiet)
+
+
+def _run_suite(configs: list[Path], folder: Path, label: str, results_dir, cache_dir, workers, quiet: bool) -> None:
+    """Run several configs on one LocalCluster and Prefect API, printing each report and its wall time."""
     if not configs:
         _fail(f"no configs in {folder}")
     from flows.pipeline import run_many
+    from tasks.config import load_config
 
     cfgs = [
         _guard(_apply_overrides, _guard(load_config, p), None, None, False, results_dir, cache_dir) for p in configs
@@ -356,9 +360,39 @@ def demo(
         _print_summary(summary)
         _print_report(summary.results_dir, summary.run_id, "markdown")
         failed |= bool(summary.failed)
-    console.print(f"demo: {len(configs)} run(s) in {time.perf_counter() - t0:.0f} s", highlight=False)
+    console.print(f"{label}: {len(configs)} run(s) in {time.perf_counter() - t0:.0f} s", highlight=False)
     if failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def experiments(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="experiments to run (file-name prefixes, e.g. t1 t5); default all")
+    ] = None,
+    folder: Annotated[Path, typer.Option(help="folder of experiment configs")] = DEMO_CONFIGS.parent / "experiments",
+    list_only: Annotated[bool, typer.Option("--list", help="list the experiments and exit")] = False,
+    results_dir: Annotated[str | None, typer.Option(help="override results_dir")] = None,
+    cache_dir: Annotated[str | None, typer.Option(help="override cache_dir")] = None,
+    workers: Annotated[int | None, typer.Option(help="local Dask workers")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """The paper's experiments on the built-in benchmark (configs/experiments): each a normal, resumable run."""
+    _quiet_libraries(False)
+    configs = sorted(folder.glob("*.yaml"))
+    if names:
+        unknown = [n for n in names if not any(p.stem.startswith(n) for p in configs)]
+        if unknown:
+            _fail(f"no experiment matches {unknown} (known: {', '.join(p.stem for p in configs)})")
+        configs = [p for p in configs if any(p.stem.startswith(n) for n in names)]
+    if list_only:
+        for p in configs:
+            console.print(p.stem, highlight=False)
+        return
+    from equicore.datasets import prepare
+
+    _guard(prepare, log=lambda m: err_console.print(m, highlight=False))
+    _run_suite(configs, folder, "experiments", results_dir, cache_dir, workers, quiet)
 
 
 @app.command()

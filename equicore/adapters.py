@@ -30,7 +30,11 @@ class AdapterOutput:
 
 
 class TaskAdapter(ABC):
+    """``model_name`` is the ``MODELS`` name of the wrapped model when known (the pipeline sets it); defenses with
+    per-model artefacts (the self-supervised heads) use it to find theirs."""
+
     task: str = ""
+    model_name: str | None = None
 
     def __init__(self, model: nn.Module, num_classes: int | None = None) -> None:
         self.model = model.eval()
@@ -60,9 +64,7 @@ class TaskAdapter(ABC):
 
     def check_logits(self, logits: torch.Tensor) -> torch.Tensor:
         if self.num_classes is not None and logits.shape[1] != self.num_classes:
-            raise InvalidInputError(
-                f"model outputs {logits.shape[1]} classes but the dataset has {self.num_classes}"
-            )
+            raise InvalidInputError(f"model outputs {logits.shape[1]} classes but the dataset has {self.num_classes}")
         return logits
 
 

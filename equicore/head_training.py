@@ -176,8 +176,12 @@ def load_images(ds: Any, indices: Sequence[int]) -> Tensor:
     return out
 
 
-def _as_float(images: Tensor) -> Tensor:
-    return images.float().div_(255.0) if images.dtype == torch.uint8 else images
+def _model_input(adapter: TaskAdapter, images: Tensor) -> Tensor:
+    """uint8 or float images as [0, 1] floats of the model's dtype, on its device."""
+    p = next(adapter.model.parameters(), None)
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    x = images.to(adapter.device)
+    return x.to(dtype).div_(255.0) if images.dtype == torch.uint8 else x.to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------- features
@@ -194,17 +198,17 @@ def pooled_features(
     """``N x D`` pooled features of ``transform(chunk, chunk_index)(images)`` (identity when None), in chunks."""
     out = []
     for k, i in enumerate(range(0, images.shape[0], batch)):
-        x = _as_float(images[i : i + batch])
+        x = _model_input(adapter, images[i : i + batch])
         if transform is not None:
             x = transform(x, k)
-        out.append(pool_features(adapter.features(x), grid).float())
+        out.append(pool_features(adapter.features(x), grid).float().cpu())
     return torch.cat(out)
 
 
 def probe_features(adapter: TaskAdapter, images: Tensor) -> tuple[int, bool]:
     """(channels, dense?) of the adapter's features."""
     with torch.no_grad():
-        f = adapter.features(_as_float(images[:2]))
+        f = adapter.features(_model_input(adapter, images[:2]))
     if f.ndim not in (2, 4):
         raise InvalidInputError(f"features: expected B x D or B x C x h x w, got {tuple(f.shape)}")
     return int(f.shape[1]), f.ndim == 4

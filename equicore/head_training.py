@@ -57,6 +57,8 @@ from equicore.transforms import InvertibleTransform, build_views
 
 Log = Callable[[str], None]
 
+# The feature layer a head sits on when ``feature_layer`` is not given: the one the demo configs use for the model.
+DEFAULT_FEATURE_LAYERS = {"fashion_cnn": "features.block2", "lenet5_mnist_adv": "relu2", "lenet5_mnist_clean": "relu2"}
 RANDOM_INIT = "none"  # checkpoint value for a randomly initialised backbone (as in run configs)
 DEFAULT_TRAIN_LIMIT = 10000
 DEFAULT_EVAL_LIMIT = 2000
@@ -148,9 +150,11 @@ def build_backbone(model: str, checkpoint: str | os.PathLike[str] | None, seed: 
 
 def build_head_adapter(model_name: str, net: nn.Module, feature_layer: str | None) -> TaskAdapter:
     """The adapter whose ``features`` the head sits on (``feature_layer``: a classifier's layer, or an FPN level
-    ``fpn.N`` / ``N`` for Mask R-CNN; segmentation uses its low-resolution logits)."""
+    ``fpn.N`` / ``N`` for Mask R-CNN; segmentation uses its low-resolution logits). None: the model's entry in
+    ``DEFAULT_FEATURE_LAYERS``, else the adapter's default."""
     task = MODELS.meta(model_name).get("task")
     options: dict[str, Any] = {}
+    feature_layer = feature_layer if feature_layer is not None else DEFAULT_FEATURE_LAYERS.get(model_name)
     if feature_layer is not None:
         if task == "classification":
             options["feature_layer"] = feature_layer

@@ -63,8 +63,14 @@ def shipped_head_path(model: str, kind: str) -> Path:
     return HEADS_DIR / f"{model}.{check_kind(kind)}.pt"
 
 
-def train_head_command(kind: str, model: str, out: str | os.PathLike[str] | None = None) -> str:
-    return f"equi train-head {kind} {model}" + (f" --out {out}" if out is not None else "")
+def train_head_command(
+    kind: str, model: str, out: str | os.PathLike[str] | None = None, feature_layer: str | None = None
+) -> str:
+    return (
+        f"equi train-head {kind} {model}"
+        + (f" --feature-layer {feature_layer}" if feature_layer is not None else "")
+        + (f" --out {out}" if out is not None else "")
+    )
 
 
 def backbone_digest(model: nn.Module) -> str:
@@ -233,25 +239,31 @@ _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], HeadArtifact]
 _DIGESTS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 
-def resolve_head_path(kind: str, head: str | os.PathLike[str] | None, model_name: str | None, who: str) -> Path:
-    """The file a defense reads: ``head`` when given, else the shipped head of the adapter's model."""
+def resolve_head_path(
+    kind: str,
+    head: str | os.PathLike[str] | None,
+    model_name: str | None,
+    who: str,
+    feature_layer: str | None = None,
+) -> Path:
+    """The file a defense reads: ``head`` when given, else the shipped head of the adapter's model. Errors name the
+    ``equi train-head`` command that creates the missing file (with the adapter's ``feature_layer`` when known)."""
     if head is not None:
         p = Path(head).expanduser()
         if not p.is_file():
-            raise CheckpointError(
-                f"{who}: head file {p} not found; create it with `{train_head_command(kind, 'MODEL', p)}`"
-            )
+            cmd = train_head_command(kind, model_name or "MODEL", p, feature_layer)
+            raise CheckpointError(f"{who}: head file {p} not found; create it with `{cmd}`")
         return p
     if not model_name:
         raise CheckpointError(
             f"{who}.head is unset and the adapter does not name its model (adapter.model_name is None): pass "
-            f"head=PATH, a file written by `{train_head_command(kind, 'MODEL', 'PATH')}`"
+            f"head=PATH, a file written by `{train_head_command(kind, 'MODEL', 'PATH', feature_layer)}`"
         )
     p = shipped_head_path(model_name, kind)
     if not p.is_file():
         raise CheckpointError(
             f"{who}: no {kind} head for model {model_name!r} at {p}; train it with "
-            f"`{train_head_command(kind, model_name)}` (or set the defense's head: PATH)"
+            f"`{train_head_command(kind, model_name, feature_layer=feature_layer)}` (or set the defense's head: PATH)"
         )
     return p
 
@@ -264,29 +276,30 @@ def check_head_fits(art: HeadArtifact, adapter: TaskAdapter, digest: str, who: s
         raise CheckpointError(
             f"{who}: head {art.path} was trained for model {m.model!r} (weights digest {m.backbone_digest[:12]}) but "
             f"the defense runs model {name!r} (weights digest {digest[:12]}); train one with "
-            f"`{train_head_command(m.kind, name)}`"
+            f"`{train_head_command(m.kind, name, feature_layer=feature_layer_of(adapter))}`"
         )
     if digest != m.backbone_digest:
         shown = repr(name) if name else "this model"
         raise CheckpointError(
             f"{who}: head {art.path} was trained for {m.model!r} weights digest {m.backbone_digest[:12]} but "
             f"{shown} has weights digest {digest[:12]} (another checkpoint or a retrained model); retrain the head "
-            f"with `{train_head_command(m.kind, name or m.model)}`"
+            f"with `{train_head_command(m.kind, name or m.model, feature_layer=feature_layer_of(adapter))}`"
         )
     layer = feature_layer_of(adapter)
     if layer != m.feature_layer:
         raise CheckpointError(
             f"{who}: head {art.path} was trained on feature layer {m.feature_layer!r} of {m.model!r} but the "
             f"adapter's features are {layer!r}; use feature layer {m.feature_layer!r} or train a head with "
-            f"`{train_head_command(m.kind, m.model)} --feature-layer {layer} --out PATH`"
+            f"`{train_head_command(m.kind, m.model, 'PATH', layer)}`"
         )
 
 
 def load_head_for(adapter: TaskAdapter, kind: str, head: str | os.PathLike[str] | None, who: str) -> HeadArtifact:
     """The checked head for ``adapter``'s model, loaded once per (file, model) and cached."""
-    path = resolve_head_path(kind, head, adapter.model_name, who)
+    layer = feature_layer_of(adapter)
+    path = resolve_head_path(kind, head, adapter.model_name, who, layer)
     st = path.stat()
-    key = (str(path.resolve()), st.st_mtime_ns, st.st_size, kind, adapter.model_name, feature_layer_of(adapter))
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size, kind, adapter.model_name, layer)
     per_model = _CACHE.setdefault(adapter.model, {})
     if key not in per_model:
         art = read_head(path, expected_kind=kind, who=who)

@@ -386,7 +386,8 @@ def train_head(
     feature_layer: Annotated[
         str | None,
         typer.Option(
-            help="the adapter's feature layer the head sits on (classifiers: a module name; Mask R-CNN: fpn.N)"
+            help="the adapter's feature layer the head sits on (classifiers: a module name, default the demo "
+            "configs' layer; Mask R-CNN: fpn.N, default fpn.0)"
         ),
     ] = None,
     checkpoint: Annotated[

@@ -212,7 +212,7 @@ def test_missing_head_files_name_the_path_and_the_command(tmp_path: Path, monkey
             build_defense(kind, eps_v=8.0).purify(adapter, torch.rand(1, 1, 28, 28))
         msg = one_line(e)
         assert f"no {kind} head for model 'lenet5_mnist_adv' at {tmp_path / 'heads'}" in msg
-        assert f"`equi train-head {kind} lenet5_mnist_adv`" in msg
+        assert f"`equi train-head {kind} lenet5_mnist_adv --feature-layer relu2`" in msg
 
     anonymous = make_task("classification", n=1)
     with pytest.raises(CheckpointError) as e:
@@ -375,7 +375,7 @@ def test_equi_train_head_writes_a_head_and_card_the_defense_accepts(tmp_path: Pa
 
     from flows.cli import app
 
-    args = ["train-head", "rotation", "lenet5_mnist_adv", "--feature-layer", "relu2", "--limit", "64"]
+    args = ["train-head", "rotation", "lenet5_mnist_adv", "--limit", "64"]  # feature layer: the default, relu2
     result = CliRunner().invoke(app, [*args, "--eval-limit", "8", "--epochs", "2", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     path = tmp_path / "lenet5_mnist_adv.rotation.pt"

@@ -30,7 +30,11 @@ class AdapterOutput:
 
 
 class TaskAdapter(ABC):
+    """``model_name`` is the ``MODELS`` name of the wrapped model when known (the pipeline sets it); defenses with
+    per-model artefacts (the self-supervised heads) use it to find theirs."""
+
     task: str = ""
+    model_name: str | None = None
 
     def __init__(self, model: nn.Module, num_classes: int | None = None) -> None:
         self.model = model.eval()

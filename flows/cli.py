@@ -409,6 +409,57 @@ def train(
     console.print_json(json.dumps(card, default=str))
 
 
+@app.command("train-head")
+def train_head(
+    kind: Annotated[str, typer.Argument(help="rotation or contrastive")],
+    model: Annotated[str, typer.Argument(help="a registered model with weights, e.g. fashion_cnn, lenet5_mnist_adv")],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="a .pt file or a folder (default: the shipped weights/heads/<model>.<kind>.pt)"),
+    ] = None,
+    feature_layer: Annotated[
+        str | None,
+        typer.Option(
+            help="the adapter's feature layer the head sits on (classifiers: a module name, default the demo "
+            "configs' layer; Mask R-CNN: fpn.N, default fpn.0)"
+        ),
+    ] = None,
+    checkpoint: Annotated[
+        str | None, typer.Option(help="the model's weights file, or 'none' for a seeded random init (default: shipped)")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="head training epochs (default: 20)")] = None,
+    limit: Annotated[int | None, typer.Option(help="train on the first N training images (default: 10000)")] = None,
+    eval_limit: Annotated[
+        int | None, typer.Option(help="held-out figures on the first N test images (default: 2000)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the head's init, batches, views and negative bank")] = 0,
+    bank_size: Annotated[
+        int | None, typer.Option(help="contrastive: negatives in the fixed bank (default: 512)")
+    ] = None,
+    threads: Annotated[int, typer.Option(help="torch intra-op threads")] = 2,
+) -> None:
+    """Train the self-supervised head of the rotation or contrastive defense on a model's frozen features."""
+    from equicore import head_training as H
+
+    card = _guard(
+        H.train_head,
+        kind,
+        model,
+        out=out,
+        epochs=epochs,
+        limit=limit if limit is not None else H.DEFAULT_TRAIN_LIMIT,
+        eval_limit=eval_limit if eval_limit is not None else H.DEFAULT_EVAL_LIMIT,
+        feature_layer=feature_layer,
+        checkpoint=checkpoint,
+        seed=seed,
+        bank_size=bank_size,
+        threads=threads,
+        log=lambda m: err_console.print(m, highlight=False),
+    )
+    summary = {k: card[k] for k in ("name", "checkpoint", "head", "held_out", "wall_time_s") if k in card}
+    console.print_json(json.dumps(summary, default=str))
+
+
 @app.command("prepare-data")
 def prepare_data(
     data_dir: Annotated[Path | None, typer.Option(help="default $EQUI_DATA_DIR or ~/.cache/equirobust/data")] = None,

@@ -127,6 +127,7 @@ def build_runtime(cfg: RunConfig, device: torch.device | None = None) -> Runtime
     if task == "segmentation":
         options.setdefault("ignore_index", dataset.ignore_index if dataset.ignore_index is not None else 255)
     adapter = build_adapter(task, model, num_classes=dataset.num_classes, **options)
+    adapter.model_name = cfg.model.name  # self-supervised defenses find the model's shipped head by this name
     # Fail now, naming both sides, if the model's classes do not match the dataset's.
     x, _, _ = collate([dataset[indices[0]]])
     with torch.no_grad():

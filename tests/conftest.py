@@ -18,10 +18,12 @@ import equicore  # noqa: F401  (registers every built-in entry)
 from equicore.adapters import SegmentationAdapter
 from tests.models_for_tests import (
     SCENE_CLASSES,
+    SELF_SUPERVISED,
     TASKS,
     TaskSetup,
     make_scenes,
     make_task,
+    tiny_head,
     train_scene_segmenter,
 )
 
@@ -49,6 +51,18 @@ def task_factory() -> Callable[..., TaskSetup]:
 def task_setup(request: pytest.FixtureRequest) -> TaskSetup:
     """A random tiny model of each task, with images and labels."""
     return make_task(request.param)
+
+
+@pytest.fixture(scope="session")
+def selfsup_heads(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], str]:
+    """(defense name, task) -> a head file for ``make_task``'s model of that task, so the contract tests that run
+    every registered defense can run the self-supervised ones (which need a trained head)."""
+    folder = tmp_path_factory.mktemp("heads")
+    return {
+        (kind, task): str(tiny_head(kind, task, folder / f"tiny_{task}.{kind}.pt"))
+        for kind in SELF_SUPERVISED
+        for task in TASKS
+    }
 
 
 @dataclass

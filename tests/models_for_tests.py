@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from equicore.adapters import ClassificationAdapter, SegmentationAdapter, TaskAdapter
 
 TASKS = ("classification", "segmentation")
+SELF_SUPERVISED = ("rotation", "contrastive")  # defenses that need a trained head (``tiny_head``)
 NUM_CLASSES = 4
 IGNORE_INDEX = 255
 
@@ -204,3 +206,30 @@ def make_task(task: str, n: int = 4, dtype: torch.dtype = torch.float32, size: t
     else:
         raise ValueError(task)
     return TaskSetup(task, adapter, x, y)
+
+
+def tiny_head(kind: str, task: str, path: Path, *, epochs: int = 3, seed: int = 0) -> Path:
+    """A self-supervised head for :func:`make_task`'s model of ``task`` (any dtype: the backbone digest is taken in
+    float32), fitted for a few steps on random images; seconds on one core. Recorded model: ``tiny_<task>``."""
+    from equicore.head_training import HEAD_SETTINGS, fit_head, write_head
+
+    s = make_task(task, n=2)
+    images = random_images(48, 3, (16, 16), seed=21)
+    settings = replace(HEAD_SETTINGS[kind], epochs=epochs, hidden=16, batch_size=16, bank_size=32)
+    fitted = fit_head(
+        kind,
+        s.adapter,
+        images,
+        model=f"tiny_{task}",
+        settings=settings,
+        seed=seed,
+        bank_images=images[:32],
+        log=lambda _m: None,
+    )
+    return write_head(path, fitted)
+
+
+def defense_params_for(name: str, task: str, heads: dict[tuple[str, str], str]) -> dict[str, str]:
+    """The extra parameters a registered defense needs to run on ``make_task``'s model of ``task``: its head file
+    (from the ``selfsup_heads`` fixture) for the self-supervised defenses, nothing for the others."""
+    return {"head": heads[(name, task)]} if (name, task) in heads else {}

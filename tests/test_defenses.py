@@ -20,7 +20,7 @@ from equicore.equivariance import (
 from equicore.errors import InvalidInputError
 from equicore.registry import DEFENSES, accepted_params
 from equicore.transforms import paper_views
-from tests.models_for_tests import TASKS, TinySegmenter, make_task, random_images, seeded_model
+from tests.models_for_tests import TASKS, TinySegmenter, defense_params_for, make_task, random_images, seeded_model
 
 ATTACK_EPS = 8.0
 
@@ -35,8 +35,11 @@ def defense_cases() -> list:
     return out
 
 
-def small_defense(name: str, **params) -> Defense:
-    """The registered defense with at most 3 optimisation steps, budgets resolved from an eps=8 attack."""
+def small_defense(name: str, task: str | None = None, heads: dict | None = None, **params) -> Defense:
+    """The registered defense with at most 3 optimisation steps, budgets resolved from an eps=8 attack; with ``task``
+    and ``heads`` (the ``selfsup_heads`` fixture), the head a self-supervised defense needs for that task's model."""
+    if task is not None and heads is not None:
+        params = {**defense_params_for(name, task, heads), **params}
     accepted = accepted_params(DEFENSES.get(name)) or set()
     if "steps" in accepted:
         params.setdefault("steps", 3)
@@ -48,9 +51,9 @@ def eps_v_of(defense: Defense) -> float:
 
 
 @pytest.mark.parametrize("name,task", defense_cases())
-def test_purified_images_in_range_and_inside_eps_v_ball(name: str, task: str, seeds: list[int]) -> None:
+def test_purified_images_in_range_and_inside_eps_v_ball(name: str, task: str, seeds: list[int], selfsup_heads) -> None:
     s = make_task(task, n=5)
-    d = small_defense(name)
+    d = small_defense(name, task, selfsup_heads)
     out = d.purify(s.adapter, s.x, seeds)
     assert out.shape == s.x.shape and out.dtype == s.x.dtype and not out.requires_grad
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
@@ -61,9 +64,9 @@ def test_purified_images_in_range_and_inside_eps_v_ball(name: str, task: str, se
 
 
 @pytest.mark.parametrize("name,task", defense_cases())
-def test_purify_is_seeded_and_repeatable(name: str, task: str, seeds: list[int]) -> None:
+def test_purify_is_seeded_and_repeatable(name: str, task: str, seeds: list[int], selfsup_heads) -> None:
     s = make_task(task, n=5)
-    d = small_defense(name)
+    d = small_defense(name, task, selfsup_heads)
     a = d.purify(s.adapter, s.x, seeds)
     b = d.purify(s.adapter, s.x.clone(), list(seeds))
     assert torch.equal(a, b)
@@ -76,10 +79,10 @@ def test_purify_is_seeded_and_repeatable(name: str, task: str, seeds: list[int])
 
 
 @pytest.mark.parametrize("name,task", defense_cases())
-def test_purify_does_not_depend_on_batch_mates(name: str, task: str, seeds: list[int]) -> None:
+def test_purify_does_not_depend_on_batch_mates(name: str, task: str, seeds: list[int], selfsup_heads) -> None:
     """Float64 so that batch-size-dependent rounding cannot flip a ~0 gradient's sign (see test_attacks)."""
     s = make_task(task, n=5, dtype=torch.float64)
-    d = small_defense(name)
+    d = small_defense(name, task, selfsup_heads)
     full = d.purify(s.adapter, s.x, seeds)
     for i in (1, 4):
         alone = d.purify(s.adapter, s.x[i : i + 1], seeds[i : i + 1])

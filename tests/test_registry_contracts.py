@@ -25,7 +25,7 @@ from equicore.registry import (
     describe,
 )
 from equicore.transforms import InvertibleTransform
-from tests.models_for_tests import TASKS, make_task
+from tests.models_for_tests import TASKS, defense_params_for, make_task
 
 KNOWN_TASKS = {"classification", "segmentation", "instance"}
 BATCH_KEYS = {"preds", "labels", "attack_targets", "scores"}
@@ -123,6 +123,27 @@ def test_defense_entries(name: str) -> None:
     assert json.loads(json.dumps(d.params())) == d.params()
     resolved = d.with_attack_eps(4.0)
     assert type(resolved) is type(d)
+
+
+def scored_defense_cases() -> list:
+    """Defenses with a ``score`` (what the adaptive attack differentiates), on every task."""
+    names = [n for n in DEFENSES.names() if callable(getattr(DEFENSES.get(n), "score", None))]
+    return [pytest.param(n, t, id=f"{n}-{t}") for n in names for t in TASKS]
+
+
+@pytest.mark.parametrize("name,task", scored_defense_cases())
+def test_defense_scores_are_per_sample_and_differentiable(name: str, task: str, selfsup_heads) -> None:
+    s = make_task(task, n=3)
+    d = DEFENSES.build(name, **defense_params_for(name, task, selfsup_heads))
+    assert d.optimizes_at_test_time
+    x = s.x.clone().requires_grad_(True)
+    value = d.score(s.adapter, x, 1)
+    assert value.shape == (3,) and torch.isfinite(value).all()
+    (grad,) = torch.autograd.grad(value.sum(), x)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    x2 = s.x.clone()
+    x2[1] = 1 - x2[1]
+    assert torch.equal(d.score(s.adapter, x2, 1)[0].detach(), value[0].detach())
 
 
 @pytest.mark.parametrize("name", METRICS.names())

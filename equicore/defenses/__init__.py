@@ -1,7 +1,15 @@
-"""Defenses: vanilla, random noise, and the optimisation defenses (equivariance, invariance)."""
+"""Defenses: vanilla, random noise, the optimisation defenses (equivariance, invariance) and the self-supervised
+baselines (rotation, contrastive)."""
 
 from equicore.defenses.base import Defense
-from equicore.defenses.consistency import ConsistencyDefense, EquivarianceDefense, InvarianceDefense, optimize_objective
+from equicore.defenses.consistency import (
+    ConsistencyDefense,
+    EquivarianceDefense,
+    InvarianceDefense,
+    OptimizingDefense,
+    optimize_objective,
+)
+from equicore.defenses.selfsup import ContrastiveDefense, RotationDefense, SelfSupervisedDefense
 from equicore.defenses.simple import RandomNoise, Vanilla
 from equicore.registry import DEFENSES
 
@@ -12,10 +20,14 @@ def build_defense(name: str, **params) -> Defense:
 
 __all__ = [
     "ConsistencyDefense",
+    "ContrastiveDefense",
     "Defense",
     "EquivarianceDefense",
     "InvarianceDefense",
+    "OptimizingDefense",
     "RandomNoise",
+    "RotationDefense",
+    "SelfSupervisedDefense",
     "Vanilla",
     "build_defense",
     "optimize_objective",

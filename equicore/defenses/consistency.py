@@ -2,7 +2,8 @@
 
 ``x' += eta * sign(normalize(grad L(x')) + N(0, (T-1-t)/T))`` for t = 0..T-1, projecting into the eps_v-ball
 around the input and into [0, 1]. ``L`` is the equivariance objective (the paper's defense) or the invariance one
-(its baseline); other objectives (rotation prediction, contrastive) plug in through ``objective``.
+(its baseline). ``OptimizingDefense`` holds what every such defense shares (budgets, steps, noise, per-sample
+seeds); the self-supervised baselines (rotation prediction, contrastive) subclass it in ``defenses/selfsup.py``.
 """
 
 from __future__ import annotations
@@ -82,38 +83,26 @@ def optimize_objective(
 
 
 @dataclass(frozen=True)
-class ConsistencyDefense(Defense):
-    """Shared parameters of the optimisation defenses. Budgets in /255 units.
+class OptimizingDefense(Defense):
+    """Parameters and ``purify`` shared by every defense that runs Algorithm 1 on a per-sample ``score``.
 
-    ``eps_v`` None means ``eps_v_factor`` x the attack's eps (paper: 1.5); ``eta`` None means 2 x eps_v (paper).
-    ``views`` is a view-set name or a list of transform specs (paper: K=8). View parameters are drawn from
-    ``view_seed`` (re-drawn every step when ``resample_views``), never from the batch, so every image's result is
-    independent of its batch-mates.
+    Budgets in /255 units: ``eps_v`` None means ``eps_v_factor`` x the attack's eps (paper: 1.5); ``eta`` None means
+    2 x eps_v (paper). Subclasses implement ``score(adapter, x, step) -> [B]``, the objective being MAXIMISED
+    (differentiable in x); ``prepare(adapter)`` runs once per ``purify`` before the first step (e.g. loading a head).
     """
 
-    objective: str = "equivariance"
-    views: ViewSpec = "paper"
     steps: int = 20
     eps_v: float | None = None
     eps_v_factor: float = 1.5
     eta: float | None = None
     noise: bool = True
     random_start: bool = False
-    resample_views: bool = True
-    view_seed: int = 0
     grad_norm: str = "rms"
-    batched: bool = True
-    max_batch_pixels: int | None = None
-    _views: list[InvertibleTransform] = field(default_factory=list, init=False, repr=False, compare=False)
 
-    name = "consistency"
+    name = "optimizing"
     optimizes_at_test_time = True
 
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise InvalidInputError(
-                f"{self.name}.objective: expected one of {sorted(OBJECTIVES)}, got {self.objective!r}"
-            )
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise InvalidInputError(f"{self.name}.steps: expected an integer >= 1, got {self.steps!r}")
         if self.eps_v is not None:
@@ -124,21 +113,77 @@ class ConsistencyDefense(Defense):
             raise InvalidInputError(f"{self.name}.eps_v_factor: expected >= 0, got {self.eps_v_factor!r}")
         if self.grad_norm not in ("rms", "l2"):
             raise InvalidInputError(f"{self.name}.grad_norm: expected 'rms' or 'l2', got {self.grad_norm!r}")
-        if self.max_batch_pixels is not None and self.max_batch_pixels < 1:
-            raise InvalidInputError(f"{self.name}.max_batch_pixels: expected >= 1, got {self.max_batch_pixels!r}")
-        object.__setattr__(self, "_views", build_views(self.views))
 
     @property
     def randomized(self) -> bool:  # type: ignore[override]
         return self.noise or self.random_start
 
+    def with_attack_eps(self, eps: float) -> OptimizingDefense:
+        return replace(self, eps_v=resolve_eps_v(self.eps_v, self.eps_v_factor, eps))
+
+    def score(self, adapter: TaskAdapter, x: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """Per-sample objective value ``[B]`` (differentiable in x); ``purify`` maximises it."""
+        raise NotImplementedError
+
+    def prepare(self, adapter: TaskAdapter) -> None:
+        """Checks and loading that must happen before the first step (after the input checks). Default: none."""
+
+    def purify(self, adapter: TaskAdapter, x: torch.Tensor, seeds: Sequence[int] | torch.Tensor | None = None):
+        check_images(x, "defense input")
+        if self.eps_v is None:
+            raise InvalidInputError(f"{self.name}.eps_v is unset: give eps_v or resolve it from the attack eps")
+        eps_v = self.eps_v / 255.0
+        eta = (self.eta if self.eta is not None else 2.0 * self.eps_v) / 255.0
+        if eps_v == 0:
+            return x.detach()
+        seed_list = as_seed_list(seeds, x.shape[0])
+        self.prepare(adapter)
+        return optimize_objective(
+            lambda xp, t: self.score(adapter, xp, t),
+            x,
+            eps_v=eps_v,
+            eta=eta,
+            steps=self.steps,
+            seeds=seed_list,
+            noise=self.noise,
+            random_start=self.random_start,
+            grad_norm=self.grad_norm,
+        )
+
+
+@dataclass(frozen=True)
+class ConsistencyDefense(OptimizingDefense):
+    """The equivariance / invariance defenses (Algorithm 1 on the objectives of ``equicore.equivariance``).
+
+    ``views`` is a view-set name or a list of transform specs (paper: K=8). View parameters are drawn from
+    ``view_seed`` (re-drawn every step when ``resample_views``), never from the batch, so every image's result is
+    independent of its batch-mates.
+    """
+
+    objective: str = "equivariance"
+    views: ViewSpec = "paper"
+    resample_views: bool = True
+    view_seed: int = 0
+    batched: bool = True
+    max_batch_pixels: int | None = None
+    _views: list[InvertibleTransform] = field(default_factory=list, init=False, repr=False, compare=False)
+
+    name = "consistency"
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise InvalidInputError(
+                f"{self.name}.objective: expected one of {sorted(OBJECTIVES)}, got {self.objective!r}"
+            )
+        super().__post_init__()
+        if self.max_batch_pixels is not None and self.max_batch_pixels < 1:
+            raise InvalidInputError(f"{self.name}.max_batch_pixels: expected >= 1, got {self.max_batch_pixels!r}")
+        object.__setattr__(self, "_views", build_views(self.views))
+
     def params(self) -> dict[str, Any]:
         p = super().params()
         p.pop("_views", None)
         return p
-
-    def with_attack_eps(self, eps: float) -> ConsistencyDefense:
-        return replace(self, eps_v=resolve_eps_v(self.eps_v, self.eps_v_factor, eps))
 
     def view_params(self, step: int, in_size: tuple[int, int]):
         seed = derive_seed(self.view_seed, "views", step if self.resample_views else 0)
@@ -155,26 +200,6 @@ class ConsistencyDefense(Defense):
             max_batch_pixels=self.max_batch_pixels,
         )
         return OBJECTIVES[self.objective](vf)
-
-    def purify(self, adapter: TaskAdapter, x: torch.Tensor, seeds: Sequence[int] | torch.Tensor | None = None):
-        check_images(x, "defense input")
-        if self.eps_v is None:
-            raise InvalidInputError(f"{self.name}.eps_v is unset: give eps_v or resolve it from the attack eps")
-        eps_v = self.eps_v / 255.0
-        eta = (self.eta if self.eta is not None else 2.0 * self.eps_v) / 255.0
-        if eps_v == 0:
-            return x.detach()
-        return optimize_objective(
-            lambda xp, t: self.score(adapter, xp, t),
-            x,
-            eps_v=eps_v,
-            eta=eta,
-            steps=self.steps,
-            seeds=as_seed_list(seeds, x.shape[0]),
-            noise=self.noise,
-            random_start=self.random_start,
-            grad_norm=self.grad_norm,
-        )
 
 
 @DEFENSES.register("equivariance")

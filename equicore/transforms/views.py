@@ -29,6 +29,22 @@ def paper_views() -> list[InvertibleTransform]:
     ]
 
 
+def simclr_views() -> list[InvertibleTransform]:
+    """The contrastive defense's K=4 augmentations in the spirit of SimCLR (Chen et al. 2020), built from the
+    invertible transforms (there is no crop): a rescale or a small rotation, with or without a flip, each followed by
+    colour jitter (0.4) with grayscale p=0.2."""
+
+    def jitter() -> ColorJitter:
+        return ColorJitter(0.4, 0.4, 0.4, grayscale_p=0.2)
+
+    return [
+        Compose([Resize((0.75, 1.25)), jitter()]),
+        Compose([HorizontalFlip(), Resize((0.75, 1.25)), jitter()]),
+        Compose([Rotate((-15.0, 15.0)), jitter()]),
+        Compose([HorizontalFlip(), Rotate((-15.0, 15.0)), jitter()]),
+    ]
+
+
 def _paper_k(k: int) -> list[InvertibleTransform]:
     base = paper_views()
     return [base[i % len(base)] for i in range(k)]
@@ -41,6 +57,7 @@ VIEW_SETS: dict[str, Callable[[], list[InvertibleTransform]]] = {
     "rotate15": lambda: [Rotate((-15.0, 15.0)), Rotate((-15.0, 15.0))],
     "rotate90": lambda: [Rotate((90.0, 180.0)), Rotate((-180.0, -90.0))],
     "color": lambda: [ColorJitter(0.3, 0.3, 0.3, grayscale_p=0.2)],
+    "simclr": simclr_views,
     **{f"paper_k{k}": (lambda k=k: _paper_k(k)) for k in (1, 2, 4, 6, 8, 12, 16, 20)},
 }
 

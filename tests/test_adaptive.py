@@ -12,11 +12,12 @@ from equicore.attacks import build_attack, build_loss, run_attack
 from equicore.attacks.adaptive import adaptive_loss, bpda_loss
 from equicore.defenses import build_defense
 from equicore.errors import InvalidInputError
+from equicore.registry import DEFENSES
 from flows.pipeline import run
 from flows.report import report
 from storage import results as R
 from tasks.config import ConfigError, parse_config
-from tests.models_for_tests import make_task
+from tests.models_for_tests import defense_params_for, make_task
 from tests.pipeline_helpers import tiny_config
 
 SEEDS = [11, 22, 33, 44]
@@ -212,5 +213,33 @@ def test_results_flag_a_test_time_defense_evaluated_without_adaptive_attacks(tmp
     rows = R.read_results_table(cfg.results_dir, summary.run_id).to_pylist()
     flags = {r["defense"]: r["masking_warning"] for r in rows}
     assert flags["vanilla"] == ""
-    assert flags["equivariance"].startswith("equivariance is a test-time defense not evaluated with BPDA with EOT or AA")
+    expected = "equivariance is a test-time defense not evaluated with BPDA with EOT or AA"
+    assert flags["equivariance"].startswith(expected)
     assert "WARNING (gradient masking): equivariance is a test-time defense" in report(cfg.results_dir, summary.run_id)
+
+
+@pytest.mark.parametrize("name", sorted(DEFENSES.names()))
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_declared_randomness_matches_behaviour(name: str, task: str, selfsup_heads) -> None:
+    """AutoAttack-style check: the gradient-masking flags trust ``randomized``, so it must not lie. Two seeds give
+    different purified images exactly when the defense declares itself randomised; one seed always repeats."""
+    s = make_task(task)
+    d = DEFENSES.build(name, **defense_params_for(name, task, selfsup_heads)).with_attack_eps(8.0)
+    if d.optimizes_at_test_time:
+        d = dataclasses.replace(d, steps=2)
+    a = d.purify(s.adapter, s.x, SEEDS)
+    assert torch.equal(a, d.purify(s.adapter, s.x, SEEDS))
+    b = d.purify(s.adapter, s.x, [sd + 100 for sd in SEEDS])
+    assert (not torch.equal(a, b)) == bool(d.randomized), f"{name}.randomized = {d.randomized}"
+
+
+@pytest.mark.parametrize("name", ["rotation", "contrastive"])
+def test_adaptive_attacks_use_the_self_supervised_objectives(name: str, selfsup_heads) -> None:
+    s = make_task("classification")
+    d = build_defense(name, steps=2, eps_v=8.0, **defense_params_for(name, "classification", selfsup_heads))
+    task_loss = build_loss("ce", s.adapter, s.y)
+    aa = grad_of(adaptive_loss(task_loss, d, s.adapter, 3.0), s.x)
+    term = grad_of(lambda x: d.score(s.adapter, x, 0), s.x)
+    torch.testing.assert_close(aa, grad_of(task_loss, s.x) + 3.0 * term, rtol=1e-4, atol=1e-6)
+    x_adv = run_attack(build_attack("bpda", eps=8, steps=2, eot=2), s.adapter, s.x, s.y, SEEDS, defense=d).x_adv
+    assert (x_adv - s.x).abs().max() <= 8 / 255 + 1e-6

@@ -24,7 +24,9 @@ PRESET_VARS = (
 
 @pytest.mark.parametrize(
     "path",
-    sorted((CONFIGS / "demo").glob("*.yaml")) + sorted((CONFIGS / "benchmark").glob("*.yaml")),
+    sorted((CONFIGS / "demo").glob("*.yaml"))
+    + sorted((CONFIGS / "benchmark").glob("*.yaml"))
+    + sorted((CONFIGS / "experiments").glob("*.yaml")),
     ids=lambda p: p.name,
 )
 def test_shipped_configs_validate(path: Path):

@@ -347,6 +347,7 @@ def run(cfg: RunConfig, *, on_plan=None, on_done=None) -> RunSummary:
     run_id = cfg.run_id()
     # Build (and so validate) dataset, model and adapter before anything is written.
     rt = build_runtime(cfg)
+    compute.preflight_defenses(rt)
     check_output_dirs(cfg)
     write_manifest(cfg, run_id, rt, "running")
     plan = plan_work(rt, run_id, AdversarialCache(cfg.cache_dir))

@@ -8,6 +8,7 @@ reduce_run:   merge shard states per (attack, defense) -> the long results table
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -76,8 +77,21 @@ def attack_defense(cfg: RunConfig, defense_index: int) -> DefenseConfig | None:
 
 
 def resolved_defense(rt: Runtime, attack: AttackConfig, defense: DefenseConfig):
+    """The defense with its budgets resolved from the attack's eps (and, for head-based defenses, the run's model)."""
     eps = attack.eps if attack.name != CLEAN else rt.cfg.resolved_reference_eps()
-    return build_defense(defense.name, **defense.params()).with_attack_eps(eps)
+    spec = build_defense(defense.name, **defense.params()).with_attack_eps(eps)
+    if getattr(spec, "head", "") is None and hasattr(spec, "for_model"):
+        spec = dataclasses.replace(spec, for_model=rt.cfg.model.name)
+    return spec
+
+
+def preflight_defenses(rt: Runtime) -> None:
+    """Load what every defense needs (e.g. a self-supervised head) now, so a missing or mismatched artefact fails
+    the run before anything is written instead of failing every shard on the workers."""
+    for defense in rt.cfg.defenses:
+        prepare = getattr(resolved_defense(rt, CLEAN_ATTACK, defense), "prepare", None)
+        if callable(prepare):
+            prepare(rt.adapter)
 
 
 def defense_key(rt: Runtime, attack: AttackConfig, defense: DefenseConfig) -> str:

@@ -358,6 +358,30 @@ def test_pipeline_runs_both_defenses_identically_under_any_sharding(tmp_path: Pa
     assert {("pgd", "rotation"), ("pgd", "contrastive"), ("clean", "rotation")} <= defended
 
 
+def test_a_run_whose_model_has_no_shipped_head_fails_before_writing(tmp_path: Path) -> None:
+    """The clean LeNet5 ships no heads: the run stops at the pre-flight check with the train-head command, before
+    any manifest, cache entry or result is written."""
+    from flows import pipeline
+    from tasks.config import parse_config
+
+    cfg = parse_config(tiny_config(tmp_path, defenses=[{"name": "rotation"}], cluster={"in_process": True}))
+    with pytest.raises(EquirobustError, match=r"equi train-head rotation lenet5_mnist_clean"):
+        pipeline.run(cfg)
+    assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
+
+
+def test_pipeline_keys_name_only_the_run_models_head(tmp_path: Path) -> None:
+    from tasks import compute
+    from tasks.config import parse_config
+    from tasks.runtime import build_runtime
+
+    raw = tiny_config(tmp_path, model={"name": "lenet5_mnist_adv", "adapter": {"feature_layer": "relu2"}})
+    raw["defenses"] = [{"name": "rotation"}]
+    rt = build_runtime(parse_config(raw))
+    spec = compute.resolved_defense(rt, rt.cfg.attacks[0], rt.cfg.defenses[0])
+    assert list(spec.params()["head_files"]) == ["lenet5_mnist_adv.rotation.pt"]
+
+
 # ------------------------------------------------------------------------------------------- the training command
 
 

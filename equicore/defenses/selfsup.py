@@ -50,6 +50,9 @@ class SelfSupervisedDefense(OptimizingDefense):
     """An ``OptimizingDefense`` whose objective needs a trained head (``head``: a file, None = the shipped one)."""
 
     head: str | None = None
+    # The model whose shipped head is meant when ``head`` is None (set by the pipeline from the run's model): it
+    # narrows ``head_files`` to that one file, so retraining another model's head leaves these results valid.
+    for_model: str | None = None
 
     kind: ClassVar[str] = ""
 
@@ -70,7 +73,12 @@ class SelfSupervisedDefense(OptimizingDefense):
     def head_files(self) -> dict[str, str]:
         """sha256 (16 hex) of every file this defense may read, so results keyed by ``params()`` change when a head is
         retrained: the given head, or every shipped head of this kind (the model is not known here)."""
-        files = [Path(self.head)] if self.head is not None else sorted(HEADS_DIR.glob(f"*.{self.kind}.pt"))
+        if self.head is not None:
+            files = [Path(self.head)]
+        elif self.for_model is not None:
+            files = [HEADS_DIR / f"{self.for_model}.{self.kind}.pt"]
+        else:
+            files = sorted(HEADS_DIR.glob(f"*.{self.kind}.pt"))
         return {
             (str(f) if self.head is not None else f.name): (file_sha256(f) if f.is_file() else "missing") for f in files
         }

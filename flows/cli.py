@@ -307,9 +307,10 @@ def _write_pages(results_dir: str, out: Path, run_id: str | None, configs: Path 
         exps = _guard(X.experiments_from_results, results_dir)
         if not exps:
             _fail(f"no runs in {results_dir} (give --configs to list the experiments that should be there)")
-    written = _guard(X.write_report, results_dir, out, exps)
+    written = _guard(X.write_report, results_dir, out, exps, index=run_id is None)
+    where = f"; index: {out / X.INDEX}" if run_id is None else ""
     console.print(
-        f"wrote {len(written)} file(s) to {out} ({len(exps)} experiment(s)); index: {out / X.INDEX}",
+        f"wrote {len(written)} file(s) to {out} ({len(exps)} experiment(s)){where}",
         highlight=False,
         soft_wrap=True,
     )

@@ -403,7 +403,7 @@ def render_experiment(results_dir: str | Path, exp: Experiment) -> Page:
     return Page("\n".join(lines).rstrip() + "\n", images, state)
 
 
-def render_index(results_dir: str | Path, exps: Sequence[Experiment], pages: Mapping[str, Page]) -> str:
+def render_index(exps: Sequence[Experiment], pages: Mapping[str, Page]) -> str:
     lines = [
         "# Results",
         "",
@@ -423,8 +423,11 @@ def render_index(results_dir: str | Path, exps: Sequence[Experiment], pages: Map
     return "\n".join(lines) + "\n"
 
 
-def write_report(results_dir: str | Path, out_dir: str | Path, exps: Sequence[Experiment]) -> list[Path]:
-    """Write every experiment's page and images and the index into ``out_dir``; returns the files written."""
+def write_report(
+    results_dir: str | Path, out_dir: str | Path, exps: Sequence[Experiment], *, index: bool = True
+) -> list[Path]:
+    """Write every experiment's page and images (and, with ``index``, the index) into ``out_dir``; returns the files
+    written."""
     out = Path(out_dir)
     written: list[Path] = []
     pages = {e.name: render_experiment(results_dir, e) for e in exps}
@@ -433,5 +436,6 @@ def write_report(results_dir: str | Path, out_dir: str | Path, exps: Sequence[Ex
         written.append(atomic_write_text(out / f"{e.name}.md", page.markdown))
         for name, png in sorted(page.images.items()):
             written.append(atomic_write_bytes(out / name, png))
-    written.append(atomic_write_text(out / INDEX, render_index(results_dir, exps, pages)))
+    if index:
+        written.append(atomic_write_text(out / INDEX, render_index(exps, pages)))
     return written

@@ -288,16 +288,66 @@ def _print_report(results_dir: str, run_id: str, fmt: str, output: Path | None =
         sys.stdout.write(text)
 
 
+def _write_pages(results_dir: str, out: Path, run_id: str | None, configs: Path | None) -> None:
+    from flows import experiments as X
+    from storage import results as R
+
+    if run_id is not None:
+        manifest = _guard(R.read_run_manifest, results_dir, run_id)
+        cfg = manifest.get("config") or {}
+        exps = [X.experiment_of(cfg.get("name") or run_id, cfg.get("report") or {}, run_id)]
+    elif configs is not None:
+        if not configs.is_dir():
+            _fail(f"--configs: {configs} is not a directory")
+        files = sorted([*configs.glob("*.yaml"), *configs.glob("*.yml")])
+        if not files:
+            _fail(f"--configs: no *.yaml in {configs}")
+        exps = _guard(X.experiments_from_configs, files, Path.cwd().resolve())
+    else:
+        exps = _guard(X.experiments_from_results, results_dir)
+        if not exps:
+            _fail(f"no runs in {results_dir} (give --configs to list the experiments that should be there)")
+    written = _guard(X.write_report, results_dir, out, exps, index=run_id is None)
+    where = f"; index: {out / X.INDEX}" if run_id is None else ""
+    console.print(
+        f"wrote {len(written)} file(s) to {out} ({len(exps)} experiment(s)){where}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 @app.command()
 def report(
-    run_id: Annotated[str, typer.Argument(help="run id")],
+    run_id: Annotated[str | None, typer.Argument(help="run id (omit with --all)")] = None,
     results_dir: ResultsOpt = DEFAULT_RESULTS,
     fmt: Annotated[str, typer.Option("--format", "-f", help="markdown, csv or html")] = "markdown",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="write to a file instead of stdout")] = None,
+    all_runs: Annotated[
+        bool, typer.Option("--all", help="write one page per experiment (and an index) into --out")
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="folder for experiment pages and PNGs (default docs/results)")
+    ] = None,
+    configs: Annotated[
+        Path | None,
+        typer.Option(help="with --all: the experiments are these configs (*.yaml); missing/partial runs are flagged"),
+    ] = None,
 ) -> None:
-    """The paper-style table: one row per attack, one column per defense."""
+    """The paper-style table of RUN_ID (one row per attack, one column per defense); with --all (or --out), Markdown
+    pages with tables, plots and example grids for every experiment, and an index of what is complete."""
     if fmt not in ("markdown", "csv", "html"):
         _fail(f"--format: expected markdown, csv or html, got {fmt!r}")
+    if all_runs and run_id is not None:
+        _fail("give a RUN_ID or --all, not both")
+    if configs is not None and not all_runs:
+        _fail("--configs needs --all")
+    if all_runs or out is not None:
+        if run_id is None and not all_runs:
+            _fail("--out needs a RUN_ID or --all")
+        _write_pages(results_dir, out or Path("docs/results"), run_id, configs)
+        return
+    if run_id is None:
+        _fail("give a RUN_ID, or --all to report every experiment")
     _print_report(results_dir, run_id, fmt, output)
 
 

@@ -1,4 +1,10 @@
-"""Paper-style tables from the results table alone: one row per attack, one column per defense."""
+"""Paper-style tables from the results table alone: one row per attack, one column per defense.
+
+Columns (and rows) of entries that share a name get the parameters that tell them apart, taken from the run's
+config in its manifest: ``equivariance (views=rotate15)``, ``pgd (eps=4)``. Without a manifest the recorded
+(resolved) parameters are used. Layout-specific tables (Table 4-6, Figure 3) and the experiment pages written by
+``equi report --all`` are in :mod:`flows.experiments`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import html
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +22,15 @@ from storage import results as R
 MAIN_METRICS = ("accuracy", "miou", "mask_ap", "miou_to_target")
 TEST_TIME_DEFENSES = ("equivariance", "invariance", "random_noise", "rotation", "contrastive")
 ADAPTIVE_ATTACKS = ("bpda", "adaptive", "aa")
+WORST = ":worst"  # suffix of the worst-case rows of an AA lambda_e sweep (tasks.compute.WORST_SUFFIX)
+TITLES = {
+    "accuracy": "Top-1 accuracy (%)",
+    "miou": "mIoU (%)",
+    "mask_ap": "Mask AP (COCO, %)",
+    "miou_to_target": "mIoU to the attack target (%) (lower is better)",
+    "equivariance_before": "Equivariance score of the defense's input (mean cosine over views)",
+    "equivariance_after": "Equivariance score after the defense (mean cosine over views)",
+}
 
 
 @dataclass
@@ -25,9 +40,10 @@ class Table:
     columns: list[str]
     cells: dict[tuple[str, str], str]
     notes: list[str]
+    corner: str = "attack"  # header of the row-label column
 
 
-def _ordered(values: Sequence[str]) -> list[str]:
+def ordered(values: Sequence[str]) -> list[str]:
     seen: list[str] = []
     for v in values:
         if v not in seen:
@@ -35,17 +51,117 @@ def _ordered(values: Sequence[str]) -> list[str]:
     return seen
 
 
-def _label(name: str, params_json: str | None, duplicates: bool) -> str:
-    params = json.loads(params_json) if isinstance(params_json, str) and params_json else params_json
-    if isinstance(params, dict) and "lambda_e_sweep" in params:  # the worst case of an AA sweep
-        sweep = ", ".join(f"{v:g}" for v in params["lambda_e_sweep"])
-        return f"{name} (lambda_e in {{{sweep}}}; worst {params['worst_lambda_e']:g})"
-    if not duplicates or not params_json:
-        return name
-    if isinstance(params, dict) and "lambda_e" in params:
-        return f"{name} (lambda_e={params['lambda_e']:g})"
-    eps = params.get("eps") if isinstance(params, dict) else None
-    return f"{name} (eps={eps:g})" if isinstance(eps, (int, float)) else f"{name} {params_json}"
+_MISSING = object()
+
+
+def _show(value: Any) -> str:
+    if value is _MISSING or value is None:
+        return "default"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float):
+        return f"{value:g}"
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def entry_parts(entries: Sequence[tuple[str, Mapping[str, Any]]]) -> list[tuple[str, str]]:
+    """(name, qualifier) per config entry: the qualifier lists the parameters that differ among the entries of the
+    same name ("" when the name is unique), e.g. ("equivariance", "views=rotate15")."""
+    groups: dict[str, list[int]] = {}
+    for i, (name, _) in enumerate(entries):
+        groups.setdefault(name, []).append(i)
+    out = [(name, "") for name, _ in entries]
+    for name, idx in groups.items():
+        if len(idx) < 2:
+            continue
+        params = [dict(entries[i][1]) for i in idx]
+        keys = sorted({k for p in params for k in p if k != "name"})
+        differ = [k for k in keys if len({_show(p.get(k, _MISSING)) for p in params}) > 1]
+        for i, p in zip(idx, params, strict=True):
+            out[i] = (name, ", ".join(f"{k}={_show(p.get(k, _MISSING))}" for k in differ))
+    seen: dict[tuple[str, str], int] = {}
+    for i, part in enumerate(out):  # identical entries cannot be told apart by parameters: number them
+        seen[part] = seen.get(part, 0) + 1
+        if seen[part] > 1:
+            out[i] = (part[0], f"{part[1]} #{seen[part]}".strip())
+    return out
+
+
+def join_label(name: str, qualifier: str) -> str:
+    return f"{name} ({qualifier})" if qualifier else name
+
+
+def _params(value: Any) -> dict[str, Any]:
+    if isinstance(value, str) and value:
+        value = json.loads(value)
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def _worst_label(name: str, params: Mapping[str, Any]) -> str:
+    """The worst case of an AA lambda_e sweep."""
+    sweep = ", ".join(f"{v:g}" for v in params["lambda_e_sweep"])
+    return f"{name} (lambda_e in {{{sweep}}}; worst {params['worst_lambda_e']:g})"
+
+
+@dataclass
+class RunIndex:
+    """A run's config entries and which (attack, defense) entry each (attack_key, defense_key) unit belongs to."""
+
+    attacks: list[tuple[str, dict[str, Any]]]
+    defenses: list[tuple[str, dict[str, Any]]]
+    unit_of: dict[tuple[str, str], tuple[int, int]]
+
+
+def run_index(manifest: Mapping[str, Any]) -> RunIndex | None:
+    """From a run manifest (its config and its units, listed attack-major as the pipeline plans them)."""
+    cfg = manifest.get("config") or {}
+    attacks = [(a["name"], {k: v for k, v in a.items() if k != "name"}) for a in cfg.get("attacks", [])]
+    defenses = [(d["name"], {k: v for k, v in d.items() if k != "name"}) for d in cfg.get("defenses", [])]
+    units = manifest.get("units") or []
+    if not attacks or not defenses or len(units) != len(attacks) * len(defenses):
+        return None
+    unit_of = {}
+    for i, u in enumerate(units):
+        unit_of.setdefault((u["attack_key"], u["defense_key"]), (i // len(defenses), i % len(defenses)))
+    return RunIndex(attacks, defenses, unit_of)
+
+
+def label_rows(rows: Sequence[Mapping[str, Any]], index: RunIndex | None = None) -> list[dict[str, Any]]:
+    """Copies of the results rows with ``attack_label``, ``defense_label``, ``defense_name`` / ``defense_qualifier``
+    and the config entry indices (``attack_index``, ``defense_index``; -1 when unknown)."""
+    a_parts = entry_parts(index.attacks) if index else []
+    d_parts = entry_parts(index.defenses) if index else []
+    # Fallback: entries as recorded in the rows (attack params as configured, defense params as resolved).
+    rec_a = list(dict.fromkeys((r["attack"], r["attack_params"] or "") for r in rows if WORST not in r["attack"]))
+    rec_d = list(dict.fromkeys((r["defense"], r["defense_params"] or "") for r in rows))
+    rec_a_parts = dict(zip(rec_a, entry_parts([(n, _params(p)) for n, p in rec_a]), strict=True))
+    rec_d_parts = dict(zip(rec_d, entry_parts([(n, _params(p)) for n, p in rec_d]), strict=True))
+    out = []
+    for r in rows:
+        a_key = str(r.get("attack_key") or "").split("+")[0]
+        ai, di = index.unit_of.get((a_key, str(r.get("defense_key") or "")), (-1, -1)) if index else (-1, -1)
+        if WORST in r["attack"]:
+            a_label = _worst_label(r["attack"], _params(r["attack_params"]))
+            ai = -1
+        elif ai >= 0:
+            a_label = join_label(*a_parts[ai])
+        else:
+            a_label = join_label(*rec_a_parts[(r["attack"], r["attack_params"] or "")])
+        d_name, d_qual = d_parts[di] if di >= 0 else rec_d_parts[(r["defense"], r["defense_params"] or "")]
+        out.append(
+            {
+                **r,
+                "attack_label": a_label,
+                "defense_label": join_label(d_name, d_qual),
+                "defense_name": d_name,
+                "defense_qualifier": d_qual,
+                "attack_index": ai,
+                "defense_index": di,
+            }
+        )
+    return out
 
 
 def _fmt(value: float, metric: str, partial: bool) -> str:
@@ -55,52 +171,38 @@ def _fmt(value: float, metric: str, partial: bool) -> str:
     return shown + ("*" if partial else "")
 
 
+def is_partial(row: Mapping[str, Any]) -> bool:
+    return int(row.get("shards_done") or 0) < int(row.get("shards_total") or 0)
+
+
+def fmt_cell(row: Mapping[str, Any]) -> str:
+    """A table cell: the value (in % for the task metrics), ``*`` when some of its shards are missing."""
+    return _fmt(row["value"], row["metric"], is_partial(row))
+
+
+def partial_note(partial: bool) -> list[str]:
+    return ["* partial: some shards are missing or failed (see `equi status`)"] if partial else []
+
+
+def table_metrics(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    present = {r["metric"] for r in rows}
+    return [m for m in (*MAIN_METRICS, "equivariance_before", "equivariance_after") if m in present]
+
+
 def build_tables(rows: list[dict[str, Any]]) -> list[Table]:
+    """One table per metric: rows attacks, columns defenses (labelled as :func:`label_rows` says)."""
     if not rows:
         return []
+    if "defense_label" not in rows[0]:
+        rows = label_rows(rows)
     run_rows = [r for r in rows if r["metric"] in MAIN_METRICS or r["metric"].startswith("equivariance_")]
-    attacks_by_name: dict[str, set] = {}
-    for r in run_rows:
-        attacks_by_name.setdefault(r["attack"], set()).add(r["attack_params"])
-    defenses_by_name: dict[str, set] = {}
-    for r in run_rows:
-        defenses_by_name.setdefault(r["defense"], set()).add(r["defense_params"])
-
-    def a_label(r):
-        return _label(r["attack"], r["attack_params"], len(attacks_by_name[r["attack"]]) > 1)
-
-    def d_label(r):
-        return (
-            _label(r["defense"], None, False)
-            if len(defenses_by_name[r["defense"]]) == 1
-            else (f"{r['defense']} #{sorted(defenses_by_name[r['defense']]).index(r['defense_params']) + 1}")
-        )
-
     tables = []
-    for metric in [m for m in MAIN_METRICS if any(r["metric"] == m for r in run_rows)] + [
-        "equivariance_before",
-        "equivariance_after",
-    ]:
+    for metric in table_metrics(run_rows):
         sel = [r for r in run_rows if r["metric"] == metric]
-        if not sel:
-            continue
-        cells, partial_any = {}, False
-        for r in sel:
-            partial = int(r.get("shards_done") or 0) < int(r.get("shards_total") or 0)
-            partial_any |= partial
-            cells[(a_label(r), d_label(r))] = _fmt(r["value"], metric, partial)
-        notes = ["* partial: some shards are missing or failed (see `equi status`)"] if partial_any else []
-        title = {
-            "accuracy": "Top-1 accuracy (%)",
-            "miou": "mIoU (%)",
-            "mask_ap": "Mask AP (COCO, %)",
-            "miou_to_target": "mIoU to the attack target (%) (lower is better)",
-            "equivariance_before": "Equivariance score of the defense's input (mean cosine over views)",
-            "equivariance_after": "Equivariance score after the defense (mean cosine over views)",
-        }[metric]
-        tables.append(
-            Table(title, _ordered([a_label(r) for r in sel]), _ordered([d_label(r) for r in sel]), cells, notes)
-        )
+        cells = {(r["attack_label"], r["defense_label"]): fmt_cell(r) for r in sel}
+        notes = partial_note(any(is_partial(r) for r in sel))
+        rows_, cols = ordered([r["attack_label"] for r in sel]), ordered([r["defense_label"] for r in sel])
+        tables.append(Table(TITLES[metric], rows_, cols, cells, notes))
     return tables
 
 
@@ -128,7 +230,7 @@ def render_markdown(tables: list[Table], header: str = "") -> str:
     out = [header] if header else []
     for t in tables:
         out.append(f"### {t.title}\n")
-        out.append("| attack | " + " | ".join(t.columns) + " |")
+        out.append(f"| {t.corner} | " + " | ".join(t.columns) + " |")
         out.append("|---|" + "---|" * len(t.columns))
         for row in t.rows:
             out.append(f"| {row} | " + " | ".join(t.cells.get((row, c), "-") for c in t.columns) + " |")
@@ -150,7 +252,7 @@ def render_csv(tables: list[Table]) -> str:
 def render_html(tables: list[Table], header: str = "") -> str:
     parts = ["<html><body>", f"<p>{html.escape(header)}</p>" if header else ""]
     for t in tables:
-        parts.append(f"<h3>{html.escape(t.title)}</h3><table border='1'><tr><th>attack</th>")
+        parts.append(f"<h3>{html.escape(t.title)}</h3><table border='1'><tr><th>{html.escape(t.corner)}</th>")
         parts += [f"<th>{html.escape(c)}</th>" for c in t.columns]
         parts.append("</tr>")
         for row in t.rows:
@@ -172,7 +274,7 @@ def report(results_dir: str, run_id: str, fmt: str = "markdown") -> str:
         f"## {run_id}: {cfg.get('dataset', {}).get('name')} / {cfg.get('model', {}).get('name')} "
         f"({manifest.get('n_samples')} samples, {manifest.get('n_shards')} shards, status {manifest.get('status')})\n"
     )
-    tables = build_tables(rows)
+    tables = build_tables(label_rows(rows, run_index(manifest)))
     warnings = gradient_masking_warnings(rows)
     if fmt == "csv":
         return render_csv(tables)

@@ -27,8 +27,10 @@ from equicore.validation import check_images
 from storage import results as R
 from storage.cache import AdversarialCache
 from storage.errors import CacheCorruptError
+from storage.examples import write_examples
 from storage.keys import canonical_json, content_key
 from tasks.config import CLEAN, TASK_METRICS, AttackConfig, DefenseConfig, RunConfig
+from tasks.examples import ExampleMaker, example_slots
 from tasks.faults import maybe_fail
 from tasks.runtime import Runtime, code_version, plan_shards, to_numpy_images
 
@@ -233,9 +235,13 @@ def defend_shard(
     equi_before, equi_after = build_metric("equivariance_score"), build_metric("equivariance_score")
     attack_spec = build_attack(attack.name, **attack.params()) if attack.name != CLEAN else None
     rows: list[dict[str, Any]] = []
+    slots = example_slots(shard, rt.cfg.shard_size, rt.cfg.report.examples, len(data.ids))
+    restored: list[torch.Tensor] = []  # defended images, kept only when this shard holds examples
     for sl in _batches(len(data.ids), rt.cfg.batch_size):
         x, y = x_in[sl], data.labels[sl]
         x_def = spec.purify(rt.adapter, x, seeds[sl])
+        if slots:
+            restored.append(x_def.detach())
         with torch.no_grad():
             preds = rt.adapter.predict(x_def)
         batch: dict[str, Any] = {"preds": _to_cpu(preds), "labels": _to_cpu(y)}
@@ -285,8 +291,38 @@ def defend_shard(
         "n": len(data.ids),
         "seconds": seconds,
     }
+    if slots:  # before the sample file: that file marks the shard done
+        record_examples(rt, data, x_in, torch.cat(restored), slots, unit, run_id)
     R.write_shard(results_dir, run_id, unit, rows, state)
     return {"status": "computed", "shard": shard, "seconds": seconds}
+
+
+def record_examples(
+    rt: Runtime,
+    data: ShardData,
+    x_in: torch.Tensor,
+    x_def: torch.Tensor,
+    slots: list[int],
+    unit: dict[str, Any],
+    run_id: str,
+) -> None:
+    """Write the Figure-2 examples (clean / attacked / restored images and predictions) of one unit shard."""
+    maker = ExampleMaker(
+        rt.adapter,
+        rt.task,
+        rt.dataset.num_classes,
+        getattr(rt.dataset, "ignore_index", None),
+        rt.cfg.measure.views,
+        rt.cfg.measure.seed,
+    )
+    rows = []
+    attack, defense = unit["attack"], unit["defense"]
+    for j in slots:
+        y = data.labels[j]
+        row = maker.row((data.images[j], x_in[j], x_def[j]), y)
+        position = unit["shard"] * rt.cfg.shard_size + j  # in the run's sample order: the same under any sharding
+        rows.append({**row, "position": position, "sample_id": data.ids[j], "attack": attack, "defense": defense})
+    write_examples(rt.cfg.results_dir, run_id, unit, rows)
 
 
 # ---------------------------------------------------------------------------------------------------- reduce

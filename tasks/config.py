@@ -11,7 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -122,6 +122,29 @@ class MeasureConfig(_Strict):
     seed: int = 0
 
 
+ReportLayout = Literal["attack_x_defense", "eps_v_sweep", "k_sweep", "ablation", "equivariance"]
+REPORT_LAYOUTS: tuple[str, ...] = get_args(ReportLayout)
+
+
+class ReportConfig(_Strict):
+    """How ``equi report`` presents the run. Not part of the run id: retitling a run never recomputes it."""
+
+    experiment: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="page name under the report folder (default: the config's name)",
+    )
+    title: str | None = Field(default=None, description="heading of the experiment's page")
+    layout: ReportLayout = Field(
+        default="attack_x_defense",
+        description="attack_x_defense: paper tables; eps_v_sweep: Table 6; k_sweep: Figure 3; ablation: Table 5; "
+        "equivariance: Table 4",
+    )
+    examples: int = Field(
+        default=0, ge=0, le=64, description="record the first N samples' images and predictions (Figure 2 grid)"
+    )
+
+
 class ClusterConfig(_Strict):
     address: str | None = Field(default=None, description="existing Dask scheduler, e.g. tcp://host:8786")
     n_workers: int | None = Field(default=None, ge=1, description="default: one per GPU, else one per 2 cores")
@@ -174,6 +197,7 @@ class RunConfig(_Strict):
     retries: int = Field(default=2, ge=0, le=20)
     retry_delay_s: list[float] = Field(default_factory=lambda: [2.0, 10.0])
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -220,9 +244,10 @@ class RunConfig(_Strict):
 
     # -- identity -------------------------------------------------------------------------------------------------
     def semantic_dict(self) -> dict[str, Any]:
-        """What determines the numbers: excludes where and how it runs (cluster, retries, directories)."""
+        """What determines the numbers: excludes where and how it runs (cluster, retries, directories) and how it is
+        reported (``report``: the recorded examples are extra output, not numbers)."""
         d = self.model_dump(mode="json")
-        for k in ("cluster", "retries", "retry_delay_s", "cache_dir", "results_dir", "device"):
+        for k in ("cluster", "retries", "retry_delay_s", "cache_dir", "results_dir", "device", "report"):
             d.pop(k, None)
         return d
 

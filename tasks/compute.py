@@ -112,6 +112,7 @@ def attack_shard(rt: Runtime, cache: AdversarialCache, attack: AttackConfig, sha
         out.append(run_attack(spec, rt.adapter, data.images[sl], data.labels[sl], seeds[sl]).x_adv)
     x_adv = torch.cat(out)
     meta = {"identity": attack_identity(rt, attack), "code_version": code_version()}
+    maybe_fail("attack-computed", shard)
     cache.write(key, shard, to_numpy_images(x_adv), data.ids, meta)
     return {"status": "computed", "key": key, "shard": shard, "seconds": time.perf_counter() - t0}
 
@@ -241,6 +242,7 @@ def defend_shard(
         "n": len(data.ids),
         "seconds": seconds,
     }
+    maybe_fail("defend-computed", shard)
     R.write_shard(results_dir, run_id, unit, rows, state)
     return {"status": "computed", "shard": shard, "seconds": seconds}
 
@@ -256,6 +258,7 @@ def reduce_run(rt: Runtime, run_id: str, provenance: dict[str, Any]) -> list[dic
     n_shards = len(plan_shards(rt.indices, cfg.shard_size))
     rows: list[dict[str, Any]] = []
     for ai, di in units(cfg):
+        maybe_fail("reduce", ai * len(cfg.defenses) + di)
         attack, defense = cfg.attacks[ai], cfg.defenses[di]
         a_key, d_key = attack_key(rt, attack), defense_key(rt, attack, defense)
         states: dict[str, list] = {}

@@ -127,10 +127,18 @@ def build_runtime(cfg: RunConfig, device: torch.device | None = None) -> Runtime
     if task == "segmentation":
         options.setdefault("ignore_index", dataset.ignore_index if dataset.ignore_index is not None else 255)
     adapter = build_adapter(task, model, num_classes=dataset.num_classes, **options)
-    # Fail now, naming both sides, if the model's classes do not match the dataset's.
-    x, _, _ = collate([dataset[indices[0]]])
+    # Fail now, naming both sides, if the model's classes do not match the dataset's, and naming the model if its
+    # features or logits are not finite (broken weights would otherwise surface deep inside an attack).
+    x, _, ids = collate([dataset[indices[0]]])
     with torch.no_grad():
-        adapter.forward(x.to(device))
+        out = adapter.forward(x.to(device))
+    for what in ("features", "logits"):
+        value = getattr(out, what, None)
+        if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value).all()):
+            raise InvalidInputError(
+                f"model {cfg.model.name!r} (checkpoint {cfg.model.checkpoint or 'default'}): its {what} for sample "
+                f"{ids[0]} contain NaN/Inf (expected finite values; are the weights broken?)"
+            )
     return Runtime(cfg, dataset, indices, model, adapter, device, weights_digest(model), dataset.fingerprint())
 
 

@@ -85,6 +85,12 @@ def _extract_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
     out = {str(k): v for k, v in sd.items()}
     if all(k.startswith("module.") for k in out):
         out = {k[len("module.") :]: v for k, v in out.items()}
+    # NaN weights would only surface later as NaN features deep inside an attack; name the tensors now.
+    broken = [k for k, v in out.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise CheckpointError(
+            f"checkpoint {path}: tensor(s) {_listed(broken)} contain NaN/Inf (expected finite weights)"
+        )
     return out
 
 

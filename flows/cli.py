@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -63,7 +64,9 @@ def _quiet_libraries(verbose: bool) -> None:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # Messages list keys and shapes in brackets ("missing keys [conv1.bias, ...]"): escaped, or rich would take them
+    # for markup tags and silently drop them.
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -122,7 +125,7 @@ def _run_with_progress(cfg, quiet: bool):
 
 def _print_repaired(repaired: list[str]) -> None:
     for message in repaired:
-        err_console.print(f"[bold yellow]damaged:[/] {message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold yellow]damaged:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _print_summary(summary) -> None:
@@ -142,7 +145,7 @@ def _print_summary(summary) -> None:
         for col in ("unit", "shard", "error"):
             t.add_column(col)
         for f in summary.failed:
-            t.add_row(f["unit"], str(f["shard"]), f["error"])
+            t.add_row(escape(f["unit"]), str(f["shard"]), escape(f["error"]))
         console.print(t)
         console.print(f"Fix the cause, then `equi resume {summary.run_id}` recomputes only these.", highlight=False)
 
@@ -277,6 +280,7 @@ def status(
                 f"failed: {u['attack']} / {u['defense']} shard {f['shard']} "
                 f"(attempts {f.get('attempts')}): {f['error']}",
                 highlight=False,
+                markup=False,
             )
 
 
@@ -305,7 +309,7 @@ def query(
         for c in table.column_names:
             t.add_column(c)
         for r in rows:
-            t.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.values()))
+            t.add_row(*(f"{v:.4f}" if isinstance(v, float) else escape(str(v)) for v in r.values()))
         console.print(t)
 
 
@@ -446,7 +450,7 @@ def list_entries(
     reg = registries[kind]
     for n in reg.names():
         meta = {k: v for k, v in reg.meta(n).items() if isinstance(v, (str, int, float, tuple, list))}
-        console.print(f"{n}  {meta if meta else ''}", highlight=False)
+        console.print(f"{n}  {meta if meta else ''}", highlight=False, markup=False)
 
 
 def main() -> None:  # pragma: no cover

@@ -110,6 +110,14 @@ class MeasureConfig(_Strict):
     views: str | list[Any] = "paper"
     seed: int = 0
 
+    @field_validator("views")
+    @classmethod
+    def _known_views(cls, v: str | list[Any]) -> str | list[Any]:
+        # Checked at load time like a defense's views: a typo must not surface only when a shard first scores.
+        from equicore.transforms import build_views
+
+        return _checked(build_views, v)
+
 
 class ClusterConfig(_Strict):
     address: str | None = Field(default=None, description="existing Dask scheduler, e.g. tcp://host:8786")

@@ -112,7 +112,10 @@ def build_runtime(cfg: RunConfig, device: torch.device | None = None) -> Runtime
     else:
         indices = list(range(min(n, cfg.dataset.limit or n)))
     if not indices:
-        raise InvalidInputError(f"dataset {cfg.dataset.name!r} selects no samples")
+        raise InvalidInputError(
+            f"dataset.indices/limit: the selection from dataset {cfg.dataset.name!r} ({n} samples) is empty; "
+            "expected at least one sample"
+        )
     device = device or pick_device(cfg.device)
     checkpoint = resolve_checkpoint(cfg.model.name, cfg.model.checkpoint)
     kwargs = dict(cfg.model.params)
@@ -130,8 +133,11 @@ def build_runtime(cfg: RunConfig, device: torch.device | None = None) -> Runtime
     # Fail now, naming both sides, if the model's classes do not match the dataset's, and naming the model if its
     # features or logits are not finite (broken weights would otherwise surface deep inside an attack).
     x, _, ids = collate([dataset[indices[0]]])
-    with torch.no_grad():
-        out = adapter.forward(x.to(device))
+    try:
+        with torch.no_grad():
+            out = adapter.forward(x.to(device))
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"model {cfg.model.name!r} on dataset {cfg.dataset.name!r}: {exc}") from None
     for what in ("features", "logits"):
         value = getattr(out, what, None)
         if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value).all()):

@@ -55,7 +55,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, expected: str = "") -> dict
         raise CheckpointError(f"checkpoint {p} is truncated or corrupt: {msg[:200]}") from None
     except (EOFError, RuntimeError, KeyError, ValueError, OSError, AttributeError, IndexError) as exc:
         # torch.load reports a damaged file with a variety of exception types; what they share is "unreadable".
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        reason = str(exc).strip().splitlines()[0].split(". ")[0][:200] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"checkpoint {p} is truncated or corrupt ({reason})") from None
     return _extract_state_dict(obj, p)
 

@@ -49,13 +49,15 @@ def _faults_dir() -> Path:
     return Path(os.environ.get("EQUI_FAULTS_DIR", "."))
 
 
-def _counter(point: str, rule_shard: str, shard: int) -> Path:
-    return _faults_dir() / f"fault-{point}-{rule_shard}-{shard}"
+def _counter(point: str, rule_shard: str, shard: int, directory: Path | None = None) -> Path:
+    return (directory or _faults_dir()) / f"fault-{point}-{rule_shard}-{shard}"
 
 
-def hits(point: str, shard: int, rule_shard: str | None = None) -> list[int]:
-    """Pids of the processes that reached (point, shard) under a rule for ``rule_shard`` (default: ``shard``)."""
-    path = _counter(point, str(shard) if rule_shard is None else rule_shard, shard)
+def hits(point: str, shard: int, rule_shard: str | None = None, directory: str | Path | None = None) -> list[int]:
+    """Pids of the processes that reached (point, shard) under a rule for ``rule_shard`` (default: ``shard``);
+    ``directory`` defaults to ``EQUI_FAULTS_DIR``."""
+    rule = str(shard) if rule_shard is None else rule_shard
+    path = _counter(point, rule, shard, Path(directory) if directory is not None else None)
     try:
         return [int(line) for line in path.read_text().split()]
     except FileNotFoundError:

@@ -25,13 +25,9 @@ THREADS = {"torch_threads": 1}
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(pipeline_reference):
     """An in-process evaluation of the config (no Prefect, no Dask): what the flow must reproduce exactly."""
-    tmp = tmp_path_factory.mktemp("reference")
-    cfg = parse_config(tiny_config(tmp, cluster={"in_process": True, **THREADS}))
-    summary = pipeline.run(cfg)
-    assert summary.ok and summary.computed == 2 * 2 * 4
-    return table_rows(cfg.results_dir, cfg.run_id())
+    return pipeline_reference
 
 
 def _markers(cache_dir: str) -> dict[str, float]:

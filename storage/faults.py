@@ -24,7 +24,7 @@ sleeps ``EQUI_FAULTS_HOLD_S`` seconds (default 300) so a test can kill the proce
 
 Every time a rule matches, the pid is appended as one line to ``EQUI_FAULTS_DIR/fault-<point>-<rule shard>-<shard>``
 (``O_APPEND`` writes of one short line are atomic), so counts hold across retries in other worker processes and a
-test can see which processes reached the point.
+test can see which processes reached the point (``always`` rules record only when ``EQUI_FAULTS_DIR`` is set).
 """
 
 from __future__ import annotations
@@ -95,7 +95,10 @@ def fault_point(point: str, shard: int, *, partial: Path | Callable[[], Path | N
             continue
         if action not in ACTIONS:
             raise ValueError(f"EQUI_FAULTS: unknown action {action!r} in rule {rule!r} (known: {', '.join(ACTIONS)})")
-        count = _record_hit(_counter(point, r_shard, shard))
+        if times == "always" and "EQUI_FAULTS_DIR" not in os.environ:
+            count = 0  # nothing to count, and no stray counter file in the working directory
+        else:
+            count = _record_hit(_counter(point, r_shard, shard))
         if times != "always" and count > int(times):
             return
         target = partial() if callable(partial) else partial

@@ -76,6 +76,7 @@ def test_flow_on_local_cluster_matches_in_process_then_skips_then_repairs(tmp_pa
 
 def test_always_failing_shard_is_reported_and_others_complete(tmp_path, reference, monkeypatch):
     monkeypatch.setenv("EQUI_FAULTS", "defend:2:always")
+    monkeypatch.setenv("EQUI_FAULTS_DIR", str(tmp_path))
     cfg = parse_config(tiny_config(tmp_path, cluster={"n_workers": 2, **THREADS}))
     # A progress callback holding a lock (like a rich progress bar) must not be shipped to the workers.
     lock, seen = threading.Lock(), []

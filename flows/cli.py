@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -35,6 +36,22 @@ DEMO_CONFIGS = REPO_ROOT / "configs" / "demo"
 ResultsOpt = Annotated[
     str, typer.Option("--results-dir", "-r", help="results directory (default $EQUI_RESULTS_DIR or .equi/results)")
 ]
+AllowOutsideOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-outside-roots",
+        help="let config paths leave the working directory (.. or symlinks) and dataset files leave their root",
+    ),
+]
+
+
+def _allow_outside_roots(allow: bool) -> None:
+    # An environment variable, not a config key: a config cannot lift the check itself, and local Dask workers
+    # (spawned after this) inherit it.
+    from equicore.datasets.base import ALLOW_OUTSIDE_ROOTS_ENV
+
+    if allow:
+        os.environ[ALLOW_OUTSIDE_ROOTS_ENV] = "1"
 
 
 def _quiet_libraries(verbose: bool) -> None:
@@ -47,7 +64,9 @@ def _quiet_libraries(verbose: bool) -> None:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # Messages list keys and shapes in brackets ("missing keys [conv1.bias, ...]"): escaped, or rich would take them
+    # for markup tags and silently drop them.
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -72,6 +91,7 @@ def _run_with_progress(cfg, quiet: bool):
     if quiet or not sys.stderr.isatty():
 
         def on_plan(plan):
+            _print_repaired(plan.repaired)
             err_console.print(
                 f"{cfg.name}: {len(plan.attack_units)} attack shard(s) and {len(plan.defend_units)} defense shard(s) "
                 f"to compute ({plan.total_defend - len(plan.defend_units)} already done)",
@@ -92,6 +112,7 @@ def _run_with_progress(cfg, quiet: bool):
     bars: dict[str, int] = {}
 
     def on_plan(plan):
+        _print_repaired(plan.repaired)
         bars["attack"] = progress.add_task("attack shards ", total=len(plan.attack_units))
         bars["defend"] = progress.add_task("defense shards", total=len(plan.defend_units))
 
@@ -102,6 +123,11 @@ def _run_with_progress(cfg, quiet: bool):
         return pipeline.run(cfg, on_plan=on_plan, on_done=on_done)
 
 
+def _print_repaired(repaired: list[str]) -> None:
+    for message in repaired:
+        err_console.print(f"[bold yellow]damaged:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def _print_summary(summary) -> None:
     console.print(
         f"run [bold]{summary.run_id}[/]: {summary.n_samples} samples in {summary.n_shards} shard(s); "
@@ -109,12 +135,17 @@ def _print_summary(summary) -> None:
         f"({summary.seconds:.1f} s). Results: {summary.results_dir}",
         highlight=False,
     )
+    if summary.repaired:
+        console.print(
+            f"{len(summary.repaired)} damaged file(s) failed their checksums and were regenerated (listed above).",
+            highlight=False,
+        )
     if summary.failed:
         t = Table(title="failed shards", show_lines=False)
         for col in ("unit", "shard", "error"):
             t.add_column(col)
         for f in summary.failed:
-            t.add_row(f["unit"], str(f["shard"]), f["error"])
+            t.add_row(escape(f["unit"]), str(f["shard"]), escape(f["error"]))
         console.print(t)
         console.print(f"Fix the cause, then `equi resume {summary.run_id}` recomputes only these.", highlight=False)
 
@@ -155,9 +186,11 @@ def run(
     report: Annotated[bool, typer.Option(help="print the report table when done")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect/Dask logs")] = False,
+    allow_outside_roots: AllowOutsideOpt = False,
 ) -> None:
     """Run a config: attack every shard once (cached), defend and score, reduce. Re-running resumes."""
     _quiet_libraries(verbose)
+    _allow_outside_roots(allow_outside_roots)
     from tasks.config import load_config
 
     cfg = _guard(load_config, config)
@@ -176,9 +209,11 @@ def resume(
     results_dir: ResultsOpt = DEFAULT_RESULTS,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    allow_outside_roots: AllowOutsideOpt = False,
 ) -> None:
-    """Finish an interrupted or partly failed run: computes only the missing shards."""
+    """Finish an interrupted or partly failed run: computes only the missing shards (and regenerates damaged ones)."""
     _quiet_libraries(verbose)
+    _allow_outside_roots(allow_outside_roots)
     from storage import results as R
     from tasks.config import RunConfig
 
@@ -245,6 +280,7 @@ def status(
                 f"failed: {u['attack']} / {u['defense']} shard {f['shard']} "
                 f"(attempts {f.get('attempts')}): {f['error']}",
                 highlight=False,
+                markup=False,
             )
 
 
@@ -273,7 +309,7 @@ def query(
         for c in table.column_names:
             t.add_column(c)
         for r in rows:
-            t.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.values()))
+            t.add_row(*(f"{v:.4f}" if isinstance(v, float) else escape(str(v)) for v in r.values()))
         console.print(t)
 
 
@@ -379,9 +415,11 @@ def demo(
     cache_dir: Annotated[str | None, typer.Option(help="override cache_dir")] = None,
     workers: Annotated[int | None, typer.Option(help="local Dask workers")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    allow_outside_roots: AllowOutsideOpt = False,
 ) -> None:
     """The built-in benchmark end to end: prepares data if needed, runs every task, prints the reports."""
     _quiet_libraries(False)
+    _allow_outside_roots(allow_outside_roots)
     from equicore.datasets import prepare
 
     _guard(prepare, log=lambda m: err_console.print(m, highlight=False))
@@ -547,7 +585,7 @@ def list_entries(
     reg = registries[kind]
     for n in reg.names():
         meta = {k: v for k, v in reg.meta(n).items() if isinstance(v, (str, int, float, tuple, list))}
-        console.print(f"{n}  {meta if meta else ''}", highlight=False)
+        console.print(f"{n}  {meta if meta else ''}", highlight=False, markup=False)
 
 
 def main() -> None:  # pragma: no cover

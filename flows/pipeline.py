@@ -21,10 +21,16 @@ from typing import Any
 
 from storage import results as R
 from storage.cache import AdversarialCache
-from storage.errors import StorageError
+from storage.errors import CacheCorruptError, CacheMissError, DiskFullError, ResultCorruptError, StorageError
+from storage.locks import run_lock
 from tasks import compute
 from tasks.config import CLEAN, ConfigError, RunConfig
+from tasks.paths import check_config_paths, check_output_tree
 from tasks.runtime import Runtime, build_runtime, code_version, plan_shards, torch_threads_for
+
+# A task on a worker that dies (SIGKILL, OOM, preemption) is rescheduled on another worker up to this many times
+# before Dask gives up on it (KilledWorker); set explicitly so a user's Dask config of 0 cannot turn it off.
+ALLOWED_WORKER_DEATHS = 3
 
 
 @dataclass
@@ -35,6 +41,7 @@ class WorkPlan:
     defend_units: list[tuple[int, int, int]]  # (attack index, defense index, shard) still to compute
     n_shards: int
     total_defend: int
+    repaired: list[str] = field(default_factory=list)  # damaged files found by their checksums, to be regenerated
 
     @property
     def empty(self) -> bool:
@@ -51,6 +58,7 @@ class RunSummary:
     skipped: int
     failed: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    repaired: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -97,17 +105,46 @@ def check_output_dirs(cfg: RunConfig) -> None:
             raise ConfigError(f"{what}: cannot create {p}: {e.strerror}") from None
 
 
+def _reason(message: str) -> str:
+    # Storage errors end with advice for API callers ("call invalidate(...)", "delete and recompute it"); the plan
+    # does exactly that, so the report keeps only what was found.
+    for advice in ("; call invalidate(", "; delete and recompute it"):
+        message = message.split(advice)[0]
+    return message
+
+
+def _shard_file_problem(path: Path) -> str | None:
+    """Why a committed shard file cannot be used (None if it reads back whole): footer, metric state and every
+    page are checked against the checksums written with them, so a truncated or garbled file is never reduced."""
+    try:
+        R.read_shard(path)
+    except FileNotFoundError:
+        return None
+    except ResultCorruptError as exc:
+        return _reason(str(exc))
+    return None
+
+
 def plan_work(rt: Runtime, run_id: str, cache: AdversarialCache) -> WorkPlan:
+    """What is left to compute. Damaged outputs (a shard file or cache entry failing its checksums) are removed
+    here, reported in ``WorkPlan.repaired``, and planned again."""
     cfg = rt.cfg
     n_shards = len(plan_shards(rt.indices, cfg.shard_size))
-    attack_units, defend_units = [], []
+    attack_units, defend_units, repaired = [], [], []
     for ai, attack in enumerate(cfg.attacks):
         # One attack unit per shard, or per (defense, shard) for defense-aware attacks.
         targets = sorted({compute.attack_defense_index(cfg, ai, di) for di in range(len(cfg.defenses))})
         for shard in range(n_shards):
             for di, defense in enumerate(cfg.defenses):
                 a_key, d_key = compute.attack_key(rt, attack, defense), compute.defense_key(rt, attack, defense)
-                if not R.shard_done(cfg.results_dir, run_id, a_key, d_key, shard):
+                path = R.shard_path(cfg.results_dir, run_id, a_key, d_key, shard)
+                if not path.exists():
+                    defend_units.append((ai, di, shard))
+                    continue
+                problem = _shard_file_problem(path)
+                if problem:
+                    repaired.append(f"{problem}; regenerating it")
+                    R.discard_shard(path)
                     defend_units.append((ai, di, shard))
             if attack.name == CLEAN:
                 continue
@@ -115,10 +152,17 @@ def plan_work(rt: Runtime, run_id: str, cache: AdversarialCache) -> WorkPlan:
                 a_key = compute.attack_key(rt, attack, compute.attack_defense(cfg, tdi))
                 # A cache entry that fails its checksum (a corrupt or deleted chunk) is regenerated even when every
                 # defense of the shard is done: the cache is shared with later runs and must stay trustworthy.
-                if not cache.has(a_key, shard) or not cache.verify(a_key, shard):
-                    cache.invalidate(a_key, shard)
-                    attack_units.append((ai, tdi, shard))
-    return WorkPlan(attack_units, defend_units, n_shards, len(cfg.attacks) * len(cfg.defenses) * n_shards)
+                try:
+                    cache.read(a_key, shard)
+                    continue
+                except CacheMissError:
+                    pass  # never completed (or its writer was killed before the marker): nothing to report
+                except CacheCorruptError as exc:
+                    repaired.append(f"attack {attack.name}: {_reason(str(exc))}; regenerating it")
+                cache.invalidate(a_key, shard)
+                attack_units.append((ai, tdi, shard))
+    total = len(cfg.attacks) * len(cfg.defenses) * n_shards
+    return WorkPlan(attack_units, defend_units, n_shards, total, repaired)
 
 
 def unit_records(rt: Runtime) -> list[dict[str, Any]]:
@@ -202,6 +246,8 @@ def execute_in_process(rt: Runtime, run_id: str, plan: WorkPlan, on_done=None) -
         try:
             compute.attack_shard(rt, cache, rt.cfg.attacks[ai], shard, compute.attack_defense(rt.cfg, tdi))
             outcome[("attack", ai, tdi, shard)] = ("ok", "")
+        except DiskFullError:
+            raise  # every later shard would fail the same way: stop, keeping what is done
         except Exception as e:  # noqa: BLE001  (recorded as a failed shard; the run goes on)
             outcome[("attack", ai, tdi, shard)] = ("failed", _short_error(e))
         if on_done:
@@ -214,6 +260,8 @@ def execute_in_process(rt: Runtime, run_id: str, plan: WorkPlan, on_done=None) -
             try:
                 compute.defend_shard(rt, cache, rt.cfg.attacks[ai], rt.cfg.defenses[di], shard, run_id)
                 outcome[("defend", ai, di, shard)] = ("ok", "")
+            except DiskFullError:
+                raise
             except Exception as e:  # noqa: BLE001
                 outcome[("defend", ai, di, shard)] = ("failed", _short_error(e))
         if on_done:
@@ -268,6 +316,7 @@ def default_workers(cfg: RunConfig) -> tuple[int, int]:
 @contextlib.contextmanager
 def local_cluster(n_workers: int | None = None, host: str = "127.0.0.1") -> Iterator[tuple[str, int, bool]]:
     """A LocalCluster shared by several runs (``equi demo``): (scheduler address, torch threads per worker, GPUs?)."""
+    import dask
     import torch
     from distributed import LocalCluster
 
@@ -282,7 +331,10 @@ def local_cluster(n_workers: int | None = None, host: str = "127.0.0.1") -> Iter
     }
     if gpus:
         kwargs["resources"] = {"GPU": 1}
-    with LocalCluster(**kwargs) as cluster:
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_WORKER_DEATHS}),
+        LocalCluster(**kwargs) as cluster,
+    ):
         yield cluster.scheduler_address, torch_threads_for(n), bool(gpus)
 
 
@@ -316,6 +368,8 @@ def make_task_runner(cfg: RunConfig):
 
 
 def execute_with_prefect(rt: Runtime, run_id: str, plan: WorkPlan, on_done=None) -> Outcome:
+    import dask
+
     from flows import progress
     from flows.prefect_flow import evaluation_flow
 
@@ -328,7 +382,8 @@ def execute_with_prefect(rt: Runtime, run_id: str, plan: WorkPlan, on_done=None)
     runner = make_task_runner(cfg)
     progress.CALLBACK[0] = on_done
     try:
-        with prefect_api():
+        # The flow's LocalCluster (and so its scheduler) is created inside the flow, under this setting.
+        with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_WORKER_DEATHS}), prefect_api():
             return evaluation_flow.with_options(task_runner=runner)(
                 cfg.model_dump_json(),
                 run_id,
@@ -342,13 +397,35 @@ def execute_with_prefect(rt: Runtime, run_id: str, plan: WorkPlan, on_done=None)
 
 
 def run(cfg: RunConfig, *, on_plan=None, on_done=None) -> RunSummary:
-    """Run (or resume) a config. ``on_plan(plan)`` and ``on_done(kind)`` drive progress displays."""
+    """Run (or resume) a config. ``on_plan(plan)`` and ``on_done(kind)`` drive progress displays.
+
+    One process at a time per run id (a second one gets RunLockedError). A full disk stops the run with
+    DiskFullError; everything finished before it is kept and ``equi resume`` picks up from there.
+    """
     t0 = time.perf_counter()
     run_id = cfg.run_id()
-    # Build (and so validate) dataset, model and adapter before anything is written.
+    # Check paths, then build (and so validate) dataset, model and adapter, before anything is written.
+    check_config_paths(cfg)
     rt = build_runtime(cfg)
     compute.preflight_defenses(rt)
     check_output_dirs(cfg)
+    check_output_tree(cfg)
+    try:
+        with run_lock(cfg.results_dir, run_id):
+            return _run_locked(cfg, rt, run_id, t0, on_plan, on_done)
+    except DiskFullError as exc:
+        resumable = R.list_runs(cfg.results_dir).count(run_id)
+        hint = f"`equi resume {run_id}`" if resumable else "run the same config again"
+        raise DiskFullError(f"{exc}; every finished shard is kept: free some space, then {hint}") from exc
+
+
+def _disk_full(outcome: Outcome) -> str | None:
+    """The first shard failure caused by a full disk (tasks on workers report it as text)."""
+    prefix = f"{DiskFullError.__name__}: "
+    return next((msg[len(prefix) :] for _state, msg in outcome.values() if msg.startswith(prefix)), None)
+
+
+def _run_locked(cfg: RunConfig, rt: Runtime, run_id: str, t0: float, on_plan, on_done) -> RunSummary:
     write_manifest(cfg, run_id, rt, "running")
     plan = plan_work(rt, run_id, AdversarialCache(cfg.cache_dir))
     if on_plan:
@@ -357,10 +434,13 @@ def run(cfg: RunConfig, *, on_plan=None, on_done=None) -> RunSummary:
     if not plan.empty:
         executor = execute_in_process if cfg.cluster.in_process else execute_with_prefect
         outcome = executor(rt, run_id, plan, on_done)
+    full = _disk_full(outcome)
+    if full:
+        raise DiskFullError(full)  # before recording failures: they would be written to the same full disk
     failed = record_outcome(cfg, rt, run_id, outcome)
     compute.reduce_run(rt, run_id, provenance(cfg))
     status = "failed" if failed else "complete"
-    write_manifest(cfg, run_id, rt, status, {"failed_units": len(failed)})
+    write_manifest(cfg, run_id, rt, status, {"failed_units": len(failed), "repaired": plan.repaired})
     computed = sum(1 for k, (s, _) in outcome.items() if s == "ok" and k[0] == "defend")
     return RunSummary(
         run_id=run_id,
@@ -371,6 +451,7 @@ def run(cfg: RunConfig, *, on_plan=None, on_done=None) -> RunSummary:
         skipped=plan.total_defend - len(plan.defend_units),
         failed=failed,
         seconds=time.perf_counter() - t0,
+        repaired=plan.repaired,
     )
 
 

@@ -6,8 +6,10 @@ from .atomic import atomic_path, atomic_write_bytes, atomic_write_json, atomic_w
 from .errors import (
     CacheCorruptError,
     CacheMissError,
+    DiskFullError,
     QueryError,
     ResultCorruptError,
+    RunLockedError,
     RunNotFoundError,
     SchemaError,
     StorageError,
@@ -17,8 +19,10 @@ from .keys import canonical_json, code_version, content_key, source_digest
 __all__ = [
     "CacheCorruptError",
     "CacheMissError",
+    "DiskFullError",
     "QueryError",
     "ResultCorruptError",
+    "RunLockedError",
     "RunNotFoundError",
     "SchemaError",
     "StorageError",

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import StorageError
+from .errors import DiskFullError, StorageError
 
 __all__ = [
     "atomic_path",
@@ -60,12 +60,12 @@ def _fsync_file(path: Path) -> None:
 def storage_error_from_oserror(
     exc: OSError, target: str | Path, note: str = "the previous file, if any, is intact"
 ) -> StorageError:
-    """Turn an OSError into a StorageError naming `target` (disk full and quota spelled out)."""
+    """Turn an OSError into a StorageError naming `target` (disk full and quota spelled out, as DiskFullError)."""
     suffix = f" ({note})" if note else ""
     if exc.errno == errno.ENOSPC:
-        return StorageError(f"no space left on device while writing {target}{suffix}")
+        return DiskFullError(f"no space left on device while writing {target}{suffix}")
     if exc.errno == errno.EDQUOT:
-        return StorageError(f"disk quota exceeded while writing {target}{suffix}")
+        return DiskFullError(f"disk quota exceeded while writing {target}{suffix}")
     return StorageError(f"could not write {target}: {exc.strerror or exc}{suffix}")
 
 

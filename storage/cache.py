@@ -38,6 +38,7 @@ from zarr.storage import LocalStore
 
 from .atomic import atomic_write_json, fsync_dir, storage_error_from_oserror
 from .errors import CacheCorruptError, CacheMissError, SchemaError, StorageError
+from .faults import fault_point
 from .keys import safe_component, to_canonical
 
 __all__ = ["AdversarialCache"]
@@ -68,6 +69,10 @@ def _digests(arr: np.ndarray) -> tuple[str, list[str]]:
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _first_chunk_file(version_dir: Path) -> Path | None:
+    return next((p for p in sorted((version_dir / "c").rglob("*")) if p.is_file()), None)
 
 
 def _fill_value(dtype: np.dtype) -> Any:
@@ -138,8 +143,11 @@ class AdversarialCache:
     def _locked(self, key: str, shard: int) -> Iterator[None]:
         # flock is released by the kernel if the holder dies, so a killed worker never leaves a stale lock.
         path = self._lock_path(key, shard)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise storage_error_from_oserror(exc, path, note="") from exc
         try:
             deadline = time.monotonic() + self.lock_timeout_s
             while True:
@@ -241,6 +249,7 @@ class AdversarialCache:
             )
             if arr.size:
                 z[...] = arr
+            fault_point("zarr-chunk", shard, partial=lambda: _first_chunk_file(version_dir))
             if self.durable:
                 self._fsync_tree(version_dir)
             marker = {

@@ -9,6 +9,14 @@ class StorageError(Exception):
     """Base class for storage failures (I/O errors, disk full, corrupt or missing records)."""
 
 
+class DiskFullError(StorageError):
+    """A write failed because the disk (or the quota) is full; what was written before is intact."""
+
+
+class RunLockedError(StorageError):
+    """Another live process holds the lock of this run (the same config is already running)."""
+
+
 class SchemaError(StorageError, ValueError):
     """Rows, samples or state that do not fit the expected columns or types."""
 

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from .atomic import atomic_path, atomic_write_json, is_temp_name
 from .errors import ResultCorruptError, RunNotFoundError, SchemaError, StorageError
+from .faults import fault_point
 from .keys import canonical_json, safe_component
 from .state import dumps_state, loads_state, state_sha256
 
@@ -244,6 +245,7 @@ def write_shard(
     table = table.replace_schema_metadata(meta)
     with atomic_path(path) as tmp:
         pq.write_table(table, str(tmp), compression="zstd", write_page_checksum=True)
+        fault_point("parquet", int(shard), partial=tmp)
     return path
 
 
@@ -369,6 +371,7 @@ def write_results_table(results_dir: str | Path, run_id: str, rows: Sequence[Map
     table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
     with atomic_path(path) as tmp:
         pq.write_table(table, str(tmp), compression="zstd", write_page_checksum=True)
+        fault_point("results-parquet", 0, partial=tmp)
     # Parts from an older writer would be unioned by the glob; the fresh part-0 is the whole table.
     for other in path.parent.glob("*.parquet"):
         if other.name != path.name:

@@ -151,6 +151,7 @@ def attack_shard(
         out.append(result.x_adv)
     x_adv = torch.cat(out)
     meta = {"identity": attack_identity(rt, attack, defense), "code_version": code_version()}
+    maybe_fail("attack-computed", shard)
     cache.write(key, shard, to_numpy_images(x_adv), data.ids, meta)
     return {"status": "computed", "key": key, "shard": shard, "seconds": time.perf_counter() - t0}
 
@@ -293,6 +294,7 @@ def defend_shard(
     }
     if slots:  # before the sample file: that file marks the shard done
         record_examples(rt, data, x_in, torch.cat(restored), slots, unit, run_id)
+    maybe_fail("defend-computed", shard)
     R.write_shard(results_dir, run_id, unit, rows, state)
     return {"status": "computed", "shard": shard, "seconds": seconds}
 
@@ -336,6 +338,7 @@ def reduce_run(rt: Runtime, run_id: str, provenance: dict[str, Any]) -> list[dic
     n_shards = len(plan_shards(rt.indices, cfg.shard_size))
     rows: list[dict[str, Any]] = []
     for ai, di in units(cfg):
+        maybe_fail("reduce", ai * len(cfg.defenses) + di)
         attack, defense = cfg.attacks[ai], cfg.defenses[di]
         a_key, d_key = attack_key(rt, attack, defense), defense_key(rt, attack, defense)
         states: dict[str, list] = {}

@@ -121,6 +121,14 @@ class MeasureConfig(_Strict):
     views: str | list[Any] = "paper"
     seed: int = 0
 
+    @field_validator("views")
+    @classmethod
+    def _known_views(cls, v: str | list[Any]) -> str | list[Any]:
+        # Checked at load time like a defense's views: a typo must not surface only when a shard first scores.
+        from equicore.transforms import build_views
+
+        return _checked(build_views, v)
+
 
 ReportLayout = Literal["attack_x_defense", "eps_v_sweep", "k_sweep", "ablation", "equivariance"]
 REPORT_LAYOUTS: tuple[str, ...] = get_args(ReportLayout)

@@ -112,7 +112,10 @@ def build_runtime(cfg: RunConfig, device: torch.device | None = None) -> Runtime
     else:
         indices = list(range(min(n, cfg.dataset.limit or n)))
     if not indices:
-        raise InvalidInputError(f"dataset {cfg.dataset.name!r} selects no samples")
+        raise InvalidInputError(
+            f"dataset.indices/limit: the selection from dataset {cfg.dataset.name!r} ({n} samples) is empty; "
+            "expected at least one sample"
+        )
     device = device or pick_device(cfg.device)
     checkpoint = resolve_checkpoint(cfg.model.name, cfg.model.checkpoint)
     kwargs = dict(cfg.model.params)
@@ -128,10 +131,21 @@ def build_runtime(cfg: RunConfig, device: torch.device | None = None) -> Runtime
         options.setdefault("ignore_index", dataset.ignore_index if dataset.ignore_index is not None else 255)
     adapter = build_adapter(task, model, num_classes=dataset.num_classes, **options)
     adapter.model_name = cfg.model.name  # self-supervised defenses find the model's shipped head by this name
-    # Fail now, naming both sides, if the model's classes do not match the dataset's.
-    x, _, _ = collate([dataset[indices[0]]])
-    with torch.no_grad():
-        adapter.forward(x.to(device))
+    # Fail now, naming both sides, if the model's classes do not match the dataset's, and naming the model if its
+    # features or logits are not finite (broken weights would otherwise surface deep inside an attack).
+    x, _, ids = collate([dataset[indices[0]]])
+    try:
+        with torch.no_grad():
+            out = adapter.forward(x.to(device))
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"model {cfg.model.name!r} on dataset {cfg.dataset.name!r}: {exc}") from None
+    for what in ("features", "logits"):
+        value = getattr(out, what, None)
+        if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value).all()):
+            raise InvalidInputError(
+                f"model {cfg.model.name!r} (checkpoint {cfg.model.checkpoint or 'default'}): its {what} for sample "
+                f"{ids[0]} contain NaN/Inf (expected finite values; are the weights broken?)"
+            )
     return Runtime(cfg, dataset, indices, model, adapter, device, weights_digest(model), dataset.fingerprint())
 
 

@@ -79,3 +79,18 @@ def trained_segmenter() -> TrainedSegmentation:
     model = train_scene_segmenter(seed=0)
     x, y = make_scenes(24, 32, seed=123)
     return TrainedSegmentation(model, SegmentationAdapter(model, num_classes=SCENE_CLASSES), x, y)
+
+
+@pytest.fixture(scope="session")
+def pipeline_reference(tmp_path_factory: pytest.TempPathFactory) -> list[tuple]:
+    """The tiny pipeline config (tests/pipeline_helpers.py) evaluated in process (no Prefect, no Dask): the table
+    every disturbed run (retries, kills, corruption, a full disk, concurrent runs) must reproduce exactly."""
+    from flows import pipeline
+    from tasks.config import parse_config
+    from tests.pipeline_helpers import table_rows, tiny_config
+
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = parse_config(tiny_config(tmp, cluster={"in_process": True, "torch_threads": 1}))
+    summary = pipeline.run(cfg)
+    assert summary.ok and summary.computed == 2 * 2 * 4
+    return table_rows(cfg.results_dir, cfg.run_id())

@@ -57,3 +57,17 @@ def table_rows(results_dir: str | Path, run_id: str) -> list[tuple]:
 
     rows = R.read_results_table(results_dir, run_id).to_pylist()
     return sorted(tuple(r[c] for c in COMPARED) for r in rows)
+
+
+def write_same_shard(results_dir: str, writer: int, rounds: int) -> None:
+    """One of several processes writing the same shard file at once (here, not in a test module: a spawned child
+    imports this module, and the test modules import torch)."""
+    import numpy as np
+
+    from storage import results as R
+
+    unit = {"attack_key": "a", "defense_key": "d", "shard": 0, "writer": writer}
+    rows = [{"sample_id": f"s{i}", "correct": float(i % 2)} for i in range(50)]
+    for _ in range(rounds):
+        R.discard_shard(R.shard_path(results_dir, "race", "a", "d", 0))  # force a fresh write each round
+        R.write_shard(results_dir, "race", unit, rows, {"n": np.arange(5)})

@@ -347,3 +347,71 @@ def test_storage_does_not_import_torch() -> None:
         cwd=Path(__file__).resolve().parents[1],
     )
     assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------------------------------------- run lock
+_HOLD_LOCK = """
+import sys, time
+from storage.locks import run_lock
+with run_lock(sys.argv[1], "r1"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_run_lock_is_exclusive_names_its_holder_and_dies_with_it(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    from storage.errors import RunLockedError
+    from storage.locks import lock_holder, run_lock
+
+    repo = Path(__file__).resolve().parent.parent
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(tmp_path)], cwd=repo, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+        assert lock_holder(tmp_path, "r1")["pid"] == child.pid
+        with pytest.raises(RunLockedError, match=rf"run r1 is already running \(pid {child.pid} on "):
+            with run_lock(tmp_path, "r1"):
+                pass
+        with run_lock(tmp_path, "r2"):  # other runs are not affected
+            pass
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    # The kernel released the flock with the killed holder: no stale lock.
+    assert lock_holder(tmp_path, "r1") is None
+    with run_lock(tmp_path, "r1"):
+        assert lock_holder(tmp_path, "r1")["pid"] == os.getpid()
+
+
+# ---------------------------------------------------------------------------------------------------- fault rules
+def test_fault_rules_count_per_shard_and_reject_unknown_actions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from storage.errors import DiskFullError
+    from storage.faults import InjectedFault, fault_point, hits
+
+    monkeypatch.setenv("EQUI_FAULTS_DIR", str(tmp_path))
+    monkeypatch.setenv("EQUI_FAULTS", "parquet:2:1:enospc,defend:*:2")
+    target = tmp_path / "half"
+    target.write_bytes(b"x" * 100)
+    with pytest.raises(StorageError) as info, atomic_path(tmp_path / "out.bin") as tmp:
+        tmp.write_bytes(b"y" * 10)
+        fault_point("parquet", 2, partial=target)
+    assert isinstance(info.value, DiskFullError) and target.stat().st_size == 50
+    assert not (tmp_path / "out.bin").exists()
+    fault_point("parquet", 2)  # once only
+    fault_point("parquet", 3)  # another shard
+    for _ in range(2):
+        with pytest.raises(InjectedFault):
+            fault_point("defend", 5)
+    fault_point("defend", 5)
+    assert hits("defend", 5, rule_shard="*") == [os.getpid()] * 3
+    monkeypatch.setenv("EQUI_FAULTS", "attack:0:1:explode")
+    with pytest.raises(ValueError, match="unknown action 'explode'"):
+        fault_point("attack", 0)
+    monkeypatch.delenv("EQUI_FAULTS")
+    fault_point("attack", 0)  # unset: a no-op

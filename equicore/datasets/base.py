@@ -134,8 +134,35 @@ def check_layout(root: Path, folders: Sequence[str], what: str) -> None:
         )
 
 
-def read_image(path: Path, mode: str = "RGB") -> Image.Image:
-    """Decode ``path`` fully and convert to ``mode``; DatasetError naming the file when it cannot be decoded."""
+ALLOW_OUTSIDE_ROOTS_ENV = "EQUI_ALLOW_OUTSIDE_ROOTS"  # "1": set by `equi ... --allow-outside-roots`
+
+
+def outside_roots_allowed() -> bool:
+    """True when the user passed ``--allow-outside-roots`` (the CLI sets the variable for itself and its workers)."""
+    return os.environ.get(ALLOW_OUTSIDE_ROOTS_ENV) == "1"
+
+
+def check_inside(path: Path, root: Path | None) -> Path:
+    """``path`` unless it leaves the dataset ``root`` through ``..`` or a symlink: a file name taken from an
+    annotation or index file, or a symlink in a downloaded dataset, must not make a loader read arbitrary files."""
+    if root is None or outside_roots_allowed():
+        return path
+    try:
+        real, real_root = path.resolve(), root.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: the read that follows reports the file
+        return path
+    if not real.is_relative_to(real_root):
+        raise DatasetError(
+            f"{path}: resolves to {real}, outside the dataset root {root} (through '..' or a symlink); refused "
+            "(pass --allow-outside-roots to allow it)"
+        )
+    return path
+
+
+def read_image(path: Path, mode: str = "RGB", root: Path | None = None) -> Image.Image:
+    """Decode ``path`` fully and convert to ``mode``; DatasetError naming the file when it cannot be decoded or
+    when it lies outside the dataset ``root`` (see :func:`check_inside`)."""
+    check_inside(path, root)
     if not path.is_file():
         raise DatasetError(f"{path}: image file not found")
     try:
@@ -146,8 +173,10 @@ def read_image(path: Path, mode: str = "RGB") -> Image.Image:
         raise DatasetError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
 
 
-def read_label_raw(path: Path) -> tuple[str, np.ndarray]:
-    """(PIL mode, raw pixel array) of a label image; DatasetError naming the file when missing or undecodable."""
+def read_label_raw(path: Path, root: Path | None = None) -> tuple[str, np.ndarray]:
+    """(PIL mode, raw pixel array) of a label image; DatasetError naming the file when missing or undecodable (or
+    outside the dataset ``root``)."""
+    check_inside(path, root)
     if not path.is_file():
         raise DatasetError(f"{path}: label file not found")
     try:
@@ -158,9 +187,9 @@ def read_label_raw(path: Path) -> tuple[str, np.ndarray]:
         raise DatasetError(f"{path}: cannot decode label image ({type(exc).__name__}: {exc})") from None
 
 
-def read_label_map(path: Path) -> np.ndarray:
+def read_label_map(path: Path, root: Path | None = None) -> np.ndarray:
     """A label PNG as its raw integer values (palette indices for mode P), ``H x W`` int64."""
-    return label_array(*read_label_raw(path), path)
+    return label_array(*read_label_raw(path, root), path)
 
 
 def label_array(mode: str, arr: np.ndarray, path: Path) -> np.ndarray:

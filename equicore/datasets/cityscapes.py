@@ -93,8 +93,8 @@ class CityscapesDataset(SampleDataset):
 
     def _load(self, index: int) -> Sample:
         img_path, lab_path = self._pairs[index]
-        img = read_image(img_path, "RGB")
-        label_ids = read_label_map(lab_path)
+        img = read_image(img_path, "RGB", root=self.root)
+        label_ids = read_label_map(lab_path, root=self.root)
         check_same_size(img, label_ids, lab_path)
         img = resize_image(img, self._hw)
         if label_ids.size and (label_ids.min() < 0 or label_ids.max() > MAX_LABEL_ID):

@@ -153,7 +153,8 @@ class CocoDataset(SampleDataset):
     def _load(self, index: int) -> Sample:
         info = self.index.images[index]
         path = self.image_dir / info["file_name"]
-        img = read_image(path, "RGB")
+        # file_name comes from the annotation file: "../../x" or a symlink must not read outside the image folder.
+        img = read_image(path, "RGB", root=self.image_dir)
         h, w = int(info["height"]), int(info["width"])
         if img.size != (w, h):
             raise DatasetError(f"{path}: image is {img.size[0]}x{img.size[1]}, annotations say {w}x{h}")

@@ -100,7 +100,7 @@ class ImageNetFolder(SampleDataset):
         return f"{self.split}/{f.parent.name}/{f.stem}"
 
     def _load(self, index: int) -> Sample:
-        img = read_image(self._files[index], "RGB")
+        img = read_image(self._files[index], "RGB", root=self.root)
         img = resize_center_crop(img, self._opts["resize"], self._opts["crop"])
         return Sample(self.sample_id(index), image_to_tensor(img), self._labels[index])
 

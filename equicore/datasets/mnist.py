@@ -97,7 +97,7 @@ def _read_pngs(folder: Path) -> tuple[np.ndarray, np.ndarray, list[int], list[Pa
         number, label = (int(v) for v in _PNG_RE.match(f.name).groups())  # type: ignore[union-attr]
         if label > 9:
             raise DatasetError(f"{f}: label value {label} out of range (expected 0..9)")
-        arr = np.asarray(read_image(f, "L"))
+        arr = np.asarray(read_image(f, "L", root=folder))
         if arr.shape != (28, 28):
             raise DatasetError(f"{f}: expected a 28x28 digit, got {arr.shape[1]}x{arr.shape[0]}")
         images.append(arr)

@@ -74,9 +74,9 @@ def voc_colormap(n: int = 256) -> np.ndarray:
     return cmap
 
 
-def read_voc_label(path: Path) -> np.ndarray:
+def read_voc_label(path: Path, root: Path | None = None) -> np.ndarray:
     """Class-index map of a VOC label PNG (palette/grey as is; RGB through the VOC colour map)."""
-    mode, arr = read_label_raw(path)
+    mode, arr = read_label_raw(path, root)
     if mode != "RGB":
         return label_array(mode, arr, path)
     rgb = arr.astype(np.int64)
@@ -116,9 +116,10 @@ class VOCSegmentation(SampleDataset):
 
     def _load(self, index: int) -> Sample:
         stem = self._ids[index]
-        img = read_image(self.root / "JPEGImages" / f"{stem}.jpg", "RGB")
+        # Image ids come from the ImageSets list: one naming "../x" must not reach outside the dataset root.
+        img = read_image(self.root / "JPEGImages" / f"{stem}.jpg", "RGB", root=self.root)
         lab_path = self.root / "SegmentationClass" / f"{stem}.png"
-        label = read_voc_label(lab_path)
+        label = read_voc_label(lab_path, root=self.root)
         check_same_size(img, label, lab_path)
         check_label_values(label, len(VOC_CLASSES) - 1, lab_path)
         img = resize_image(img, self._hw)

@@ -55,7 +55,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, expected: str = "") -> dict
         raise CheckpointError(f"checkpoint {p} is truncated or corrupt: {msg[:200]}") from None
     except (EOFError, RuntimeError, KeyError, ValueError, OSError, AttributeError, IndexError) as exc:
         # torch.load reports a damaged file with a variety of exception types; what they share is "unreadable".
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        reason = str(exc).strip().splitlines()[0].split(". ")[0][:200] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"checkpoint {p} is truncated or corrupt ({reason})") from None
     return _extract_state_dict(obj, p)
 
@@ -85,6 +85,12 @@ def _extract_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
     out = {str(k): v for k, v in sd.items()}
     if all(k.startswith("module.") for k in out):
         out = {k[len("module.") :]: v for k, v in out.items()}
+    # NaN weights would only surface later as NaN features deep inside an attack; name the tensors now.
+    broken = [k for k, v in out.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise CheckpointError(
+            f"checkpoint {path}: tensor(s) {_listed(broken)} contain NaN/Inf (expected finite weights)"
+        )
     return out
 
 

@@ -100,9 +100,19 @@ def _params(value: Any) -> dict[str, Any]:
 
 
 def _worst_label(name: str, params: Mapping[str, Any]) -> str:
-    """The worst case of an AA lambda_e sweep."""
+    """The worst case of an AA lambda_e sweep: one row for every defense (each defense's worst lambda_e is named in
+    the table's notes)."""
     sweep = ", ".join(f"{v:g}" for v in params["lambda_e_sweep"])
-    return f"{name} (lambda_e in {{{sweep}}}; worst {params['worst_lambda_e']:g})"
+    return f"{name} (lambda_e in {{{sweep}}})"
+
+
+def worst_notes(sel: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Which lambda_e gave each defense its worst case."""
+    worst = [r for r in sel if str(r.get("attack", "")).endswith(WORST)]
+    if not worst:
+        return []
+    parts = [f"{r['defense_label']}: {_params(r['attack_params'])['worst_lambda_e']:g}" for r in worst]
+    return ["worst-case lambda_e per defense: " + ", ".join(parts)]
 
 
 @dataclass
@@ -200,7 +210,7 @@ def build_tables(rows: list[dict[str, Any]]) -> list[Table]:
     for metric in table_metrics(run_rows):
         sel = [r for r in run_rows if r["metric"] == metric]
         cells = {(r["attack_label"], r["defense_label"]): fmt_cell(r) for r in sel}
-        notes = partial_note(any(is_partial(r) for r in sel))
+        notes = partial_note(any(is_partial(r) for r in sel)) + worst_notes(sel)
         rows_, cols = ordered([r["attack_label"] for r in sel]), ordered([r["defense_label"] for r in sel])
         tables.append(Table(TITLES[metric], rows_, cols, cells, notes))
     return tables

@@ -191,7 +191,8 @@ def test_pipeline_generates_defense_aware_attacks_per_defense(adaptive_run) -> N
     assert all(r["masking_warning"] == "" for r in rows)
     assert {r["defense"]: r["defense_test_time"] for r in rows} == {"vanilla": False, "equivariance": True}
     text = report(cfg.results_dir, summary.run_id)
-    assert "aa:worst (lambda_e in {0, 10}; worst" in text
+    assert "| aa:worst (lambda_e in {0, 10}) |" in text
+    assert "worst-case lambda_e per defense: vanilla: " in text
     assert "gradient masking" not in text
 
 

@@ -40,6 +40,7 @@ from .atomic import atomic_write_json, fsync_dir, storage_error_from_oserror
 from .errors import CacheCorruptError, CacheMissError, SchemaError, StorageError
 from .faults import fault_point
 from .keys import safe_component, to_canonical
+from .locks import open_lock_file
 
 __all__ = ["AdversarialCache"]
 
@@ -143,11 +144,7 @@ class AdversarialCache:
     def _locked(self, key: str, shard: int) -> Iterator[None]:
         # flock is released by the kernel if the holder dies, so a killed worker never leaves a stale lock.
         path = self._lock_path(key, shard)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise storage_error_from_oserror(exc, path, note="") from exc
+        fd = open_lock_file(path)
         try:
             deadline = time.monotonic() + self.lock_timeout_s
             while True:

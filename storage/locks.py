@@ -23,7 +23,16 @@ from .atomic import storage_error_from_oserror
 from .errors import RunLockedError
 from .keys import safe_component
 
-__all__ = ["lock_path", "lock_holder", "run_lock"]
+__all__ = ["lock_path", "lock_holder", "open_lock_file", "run_lock"]
+
+
+def open_lock_file(path: Path) -> int:
+    """Open (creating it and its folder) a lock file for ``flock``; storage errors name the path."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise storage_error_from_oserror(exc, path, note="") from exc
 
 
 def lock_path(results_dir: str | Path, run_id: str) -> Path:
@@ -82,11 +91,7 @@ def _describe(holder: dict[str, Any]) -> str:
 def run_lock(results_dir: str | Path, run_id: str) -> Iterator[Path]:
     """Hold the run's lock for the duration of the block; RunLockedError at once if a live process holds it."""
     path = lock_path(results_dir, run_id)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise storage_error_from_oserror(exc, path, note="") from exc
+    fd = open_lock_file(path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

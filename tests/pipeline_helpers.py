@@ -12,6 +12,18 @@ import yaml
 FIXTURE_DIGITS = Path(__file__).parent / "fixtures" / "mnist_foolbox"
 REPO = Path(__file__).resolve().parent.parent
 COMPARED = ("attack", "defense", "metric", "value", "n_samples")
+# The environment variables the paper presets (configs/paper) read their dataset roots and checkpoints from.
+PRESET_VARS = (
+    "CITYSCAPES_ROOT",
+    "DRN_D_22_CHECKPOINT",
+    "VOC_ROOT",
+    "DEEPLABV3_VOC_CHECKPOINT",
+    "COCO_ROOT",
+    "DEEPLABV3_COCO_CHECKPOINT",
+    "IMAGENET_ROOT",
+    "RESNET50_ADV_CHECKPOINT",
+    "MASKRCNN_COCO_CHECKPOINT",
+)
 
 
 def mnist_root(tmp: Path) -> Path:

@@ -7,19 +7,9 @@ from pathlib import Path
 import pytest
 
 from tasks.config import ConfigError, load_config
+from tests.pipeline_helpers import PRESET_VARS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-PRESET_VARS = (
-    "CITYSCAPES_ROOT",
-    "DRN_D_22_CHECKPOINT",
-    "VOC_ROOT",
-    "DEEPLABV3_VOC_CHECKPOINT",
-    "COCO_ROOT",
-    "DEEPLABV3_COCO_CHECKPOINT",
-    "IMAGENET_ROOT",
-    "RESNET50_ADV_CHECKPOINT",
-    "MASKRCNN_COCO_CHECKPOINT",
-)
 
 
 @pytest.mark.parametrize(

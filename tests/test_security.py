@@ -26,7 +26,7 @@ from flows import pipeline
 from flows.cli import app
 from tasks.config import ConfigError, load_config, parse_config
 from tasks.paths import check_config_paths, check_output_tree
-from tests.pipeline_helpers import REPO, mnist_root, tiny_config
+from tests.pipeline_helpers import PRESET_VARS, REPO, mnist_root, tiny_config
 
 SOURCE_DIRS = ("equicore", "tasks", "flows", "storage", "bench", "scripts")
 FIXTURES = REPO / "tests" / "fixtures" / "datasets"
@@ -183,9 +183,7 @@ def test_shipped_configs_pass_the_path_checks(monkeypatch, tmp_path):
     monkeypatch.delenv(ALLOW_OUTSIDE_ROOTS_ENV, raising=False)
     for path in sorted((REPO / "configs").glob("*/*.yaml")):
         if path.parent.name == "paper":  # absolute paths from the environment, as documented
-            for var in ("CITYSCAPES_ROOT", "DRN_D_22_CHECKPOINT", "VOC_ROOT", "DEEPLABV3_VOC_CHECKPOINT"):
-                monkeypatch.setenv(var, str(tmp_path / var.lower()))
-            for var in ("COCO_ROOT", "DEEPLABV3_COCO_CHECKPOINT", "IMAGENET_ROOT", "RESNET50_ADV_CHECKPOINT"):
+            for var in PRESET_VARS:
                 monkeypatch.setenv(var, str(tmp_path / var.lower()))
         check_config_paths(load_config(path))
 

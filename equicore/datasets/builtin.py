@@ -136,5 +136,6 @@ def prepare(
     if scenes:
         for split in ("train", "test"):
             ds = fashion_scenes(root=str(base), split=split, fashion_root=str(paths["fashion_mnist"]), cache=False)
-            paths[f"fashion_scenes/{split}"] = build_scene_cache(ds, base, log)
+            log(f"building the fashion_scenes {split} cache ({len(ds)} scenes)")
+            paths[f"fashion_scenes/{split}"] = build_scene_cache(ds, base)
     return paths

@@ -430,38 +430,39 @@ def sweep_worst_rows(cfg: RunConfig, rows: list[dict[str, Any]]) -> list[dict[st
     return out
 
 
-def annotate_gradient_masking(rt: Runtime, rows: list[dict[str, Any]]) -> None:
-    """AutoAttack-style flags on every row: a test-time-optimising or randomised defense must be evaluated with BPDA
-    (with EOT when randomised) and with the defense-aware attack AA; rows of a defense missing either say so."""
-    evaluated: dict[str, set[str]] = {}
-    for a in rt.cfg.attacks:
-        if not a.defense_aware:
-            continue
-        spec = build_attack(a.name, **a.params())
-        for d in rt.cfg.defenses:
-            defense = resolved_defense(rt, a, d)
-            if spec.adaptive == "bpda" and defense.randomized and spec.eot < 2:
-                evaluated.setdefault(d.name, set()).add("bpda-no-eot")
-            else:
-                evaluated.setdefault(d.name, set()).add(str(spec.adaptive))
-    for r in rows:
-        d = next(d for d in rt.cfg.defenses if d.name == r["defense"])
+def masking_flags(rt: Runtime) -> list[dict[str, Any]]:
+    """Per defense entry (config order): its declared properties and the gradient-masking warning, if any. A
+    test-time-optimising or randomised defense must be evaluated with BPDA (with EOT when randomised) and with the
+    defense-aware attack AA; each entry is judged on its own, so two entries of one name never share a verdict."""
+    adaptive = [build_attack(a.name, **a.params()) for a in rt.cfg.attacks if a.defense_aware]
+    flags = []
+    for d in rt.cfg.defenses:
         spec = resolved_defense(rt, CLEAN_ATTACK, d)
         test_time, randomized = bool(spec.optimizes_at_test_time), bool(spec.randomized)
-        done = evaluated.get(d.name, set())
+        # BPDA without EOT (eot < 2) does not count as BPDA against a randomised defense.
+        done = {"bpda-no-eot" if randomized and a.adaptive == "bpda" and a.eot < 2 else a.adaptive for a in adaptive}
         missing = []
         if test_time or randomized:
             if "bpda" not in done:
                 missing.append("BPDA with EOT" if randomized and "bpda-no-eot" in done else "BPDA")
             if test_time and "aa" not in done:
                 missing.append("AA")
-        r["defense_test_time"] = test_time
-        r["defense_randomized"] = randomized
-        r["attack_defense_aware"] = r["attack"].split(":")[0] in {a.name for a in rt.cfg.attacks if a.defense_aware}
-        r["masking_warning"] = (
+        warning = (
             f"{d.name} is a {'test-time' if test_time else 'randomised'} defense not evaluated with "
             + " or ".join(missing)
             + ": its robust numbers may reflect gradient masking"
             if missing
             else ""
         )
+        flags.append({"defense_test_time": test_time, "defense_randomized": randomized, "masking_warning": warning})
+    return flags
+
+
+def annotate_gradient_masking(rt: Runtime, rows: list[dict[str, Any]]) -> None:
+    """AutoAttack-style flags on every row (see :func:`masking_flags`), matched to its defense entry by key."""
+    flags = masking_flags(rt)
+    entry_of = {defense_key(rt, a, d): di for a in rt.cfg.attacks for di, d in enumerate(rt.cfg.defenses)}
+    aware = {a.name for a in rt.cfg.attacks if a.defense_aware}
+    for r in rows:
+        r.update(flags[entry_of[r["defense_key"]]])
+        r["attack_defense_aware"] = r["attack"].split(":")[0] in aware

@@ -230,7 +230,9 @@ def defend_shard(
     data = load_shard(rt, shard)
     x_in = adversarial_images(rt, cache, attack, shard, data, defense)
     spec = resolved_defense(rt, attack, defense)
-    seeds = seeds_for(rt, data.ids, f"defense:{d_key}")
+    # Seeded from what the defense is, not from its storage key: the key carries the code version, and a refactor
+    # must not redraw a randomised defense's noise (attacks are seeded the same way).
+    seeds = seeds_for(rt, data.ids, "defense:" + canonical_json(spec.params()))
     names = metric_names(rt, attack)
     states = {n: _new_state(rt, n) for n in names}
     equi_before, equi_after = build_metric("equivariance_score"), build_metric("equivariance_score")

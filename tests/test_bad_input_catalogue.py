@@ -531,6 +531,24 @@ def test_catalogue_has_at_least_25_cases_and_is_in_the_readme() -> None:
     assert not missing, f"README troubleshooting table lacks {missing}"
 
 
+def unit_keys(results: Path, run_id: str) -> set[tuple[str, str]]:
+    return {(u["attack_key"], u["defense_key"]) for u in map(R.read_shard_unit, R.list_shards(results, run_id))}
+
+
+def pipeline_samples(results: Path, run_id: str, exclude: set[tuple[str, str]] = frozenset()) -> list[tuple]:
+    """Per-image rows of a run's shard files: (sample, defense, attack, pred, equivariance after, purify L_inf)."""
+    out = []
+    for path in R.list_shards(results, run_id):
+        unit = R.read_shard_unit(path)
+        if (unit["attack_key"], unit["defense_key"]) in exclude:
+            continue
+        for r in R.read_shard(path)[0].to_pylist():
+            out.append(
+                (r["sample_id"], r["defense"], r["attack"], r["pred"], r["equivariance_after"], r["purify_linf_255"])
+            )
+    return sorted(out)
+
+
 def test_a_cache_from_an_older_code_version_is_recomputed_not_reused(
     completed_run: CompletedRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -542,6 +560,7 @@ def test_a_cache_from_an_older_code_version_is_recomputed_not_reused(
     cfg = parse_config({**completed_run.cfg, "results_dir": str(results), "cache_dir": str(cache)})
     old_files = {p: p.read_bytes() for p in [*results.rglob("samples/**/*.parquet"), *cache.rglob("*")] if p.is_file()}
     old_keys = {R.read_shard_unit(p)["attack_key"] for p in R.list_shards(results, cfg.run_id())}
+    old_units = unit_keys(results, cfg.run_id())
 
     from tasks import runtime
 
@@ -552,3 +571,7 @@ def test_a_cache_from_an_older_code_version_is_recomputed_not_reused(
     rows = R.read_results_table(results, cfg.run_id()).to_pylist()
     assert {r["attack_key"] for r in rows if r["attack"] != "clean"}.isdisjoint(old_keys)
     assert all(p.read_bytes() == data for p, data in old_files.items()), "old entries were modified"
+    # Same config, new code version: the randomised defense draws the same noise, so every per-image value repeats.
+    old_rows = pipeline_samples(completed_run.results_dir, cfg.run_id())
+    assert old_rows == pipeline_samples(results, cfg.run_id(), exclude=old_units)
+    assert any(r[1] == "equivariance" and r[-1] > 0 for r in old_rows), "no randomised defense in the run"

@@ -136,6 +136,5 @@ def prepare(
     if scenes:
         for split in ("train", "test"):
             ds = fashion_scenes(root=str(base), split=split, fashion_root=str(paths["fashion_mnist"]), cache=False)
-            log(f"building the fashion_scenes {split} cache ({len(ds)} scenes)")
-            paths[f"fashion_scenes/{split}"] = build_scene_cache(ds, base)
+            paths[f"fashion_scenes/{split}"] = build_scene_cache(ds, base, log)
     return paths

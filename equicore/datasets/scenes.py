@@ -267,12 +267,15 @@ def load_scene_cache(path: Path, cfg: SceneConfig) -> dict[str, np.ndarray] | No
     return arrays
 
 
-def build_scene_cache(ds: FashionScenes, data_dir: Path) -> Path:
-    """Generate every scene of ``ds`` and write the cache (atomically: a temp folder renamed into place)."""
+def build_scene_cache(ds: FashionScenes, data_dir: Path, log=None) -> Path:
+    """Generate every scene of ``ds`` and write the cache (atomically: a temp folder renamed into place), unless a
+    valid cache is already there."""
     cfg = ds.cfg
     path = cache_path(cfg, data_dir, ds._sources)
     if load_scene_cache(path, cfg) is not None:
         return path
+    if log is not None:
+        log(f"building the fashion_scenes {cfg.split} cache ({len(ds)} scenes)")
     n, m = cfg.num_scenes, cfg.max_items
     images = np.zeros((n, cfg.height, cfg.width, 3), dtype=np.uint8)
     instances = np.zeros((n, cfg.height, cfg.width), dtype=np.uint8)

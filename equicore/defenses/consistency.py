@@ -152,15 +152,14 @@ class OptimizingDefense(Defense):
 
 
 @dataclass(frozen=True)
-class ConsistencyDefense(OptimizingDefense):
-    """The equivariance / invariance defenses (Algorithm 1 on the objectives of ``equicore.equivariance``).
+class ViewOptimizingDefense(OptimizingDefense):
+    """An optimising defense whose objective compares views of the image (equivariance, invariance, contrastive).
 
-    ``views`` is a view-set name or a list of transform specs (paper: K=8). View parameters are drawn from
-    ``view_seed`` (re-drawn every step when ``resample_views``), never from the batch, so every image's result is
-    independent of its batch-mates.
+    ``views`` is a view-set name or a list of transform specs. View parameters are drawn from ``view_seed``
+    (re-drawn every step when ``resample_views``), never from the batch, so every image's result is independent of
+    its batch-mates. ``batched``/``max_batch_pixels``: views of equal size share one forward pass, under a memory cap.
     """
 
-    objective: str = "equivariance"
     views: ViewSpec = "paper"
     resample_views: bool = True
     view_seed: int = 0
@@ -168,13 +167,7 @@ class ConsistencyDefense(OptimizingDefense):
     max_batch_pixels: int | None = None
     _views: list[InvertibleTransform] = field(default_factory=list, init=False, repr=False, compare=False)
 
-    name = "consistency"
-
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise InvalidInputError(
-                f"{self.name}.objective: expected one of {sorted(OBJECTIVES)}, got {self.objective!r}"
-            )
         super().__post_init__()
         if self.max_batch_pixels is not None and self.max_batch_pixels < 1:
             raise InvalidInputError(f"{self.name}.max_batch_pixels: expected >= 1, got {self.max_batch_pixels!r}")
@@ -188,6 +181,23 @@ class ConsistencyDefense(OptimizingDefense):
     def view_params(self, step: int, in_size: tuple[int, int]):
         seed = derive_seed(self.view_seed, "views", step if self.resample_views else 0)
         return sample_view_params(self._views, seed, in_size)
+
+
+@dataclass(frozen=True)
+class ConsistencyDefense(ViewOptimizingDefense):
+    """The equivariance / invariance defenses (Algorithm 1 on the objectives of ``equicore.equivariance``; paper
+    views K=8)."""
+
+    objective: str = "equivariance"
+
+    name = "consistency"
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise InvalidInputError(
+                f"{self.name}.objective: expected one of {sorted(OBJECTIVES)}, got {self.objective!r}"
+            )
+        super().__post_init__()
 
     def score(self, adapter: TaskAdapter, x: torch.Tensor, step: int = 0) -> torch.Tensor:
         """Per-sample objective value ``[B]`` (differentiable in x)."""

@@ -19,15 +19,14 @@ the model's weights digest and feature layer.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from equicore.adapters import TaskAdapter
-from equicore.defenses.consistency import OptimizingDefense, ViewSpec
-from equicore.equivariance import sample_view_params
+from equicore.defenses.consistency import OptimizingDefense, ViewOptimizingDefense, ViewSpec
 from equicore.errors import InvalidInputError
 from equicore.heads import (
     HEADS_DIR,
@@ -41,8 +40,6 @@ from equicore.heads import (
     rotation_loss,
 )
 from equicore.registry import DEFENSES
-from equicore.seeding import derive_seed
-from equicore.transforms import InvertibleTransform, build_views
 
 
 @dataclass(frozen=True)
@@ -118,7 +115,7 @@ class RotationDefense(SelfSupervisedDefense):
 
 @DEFENSES.register("contrastive")
 @dataclass(frozen=True)
-class ContrastiveDefense(SelfSupervisedDefense):
+class ContrastiveDefense(SelfSupervisedDefense, ViewOptimizingDefense):
     """Mao et al. (ICCV 2021): restore the SimCLR structure between an image and its augmented views.
 
     ``views``: a view-set name (default ``simclr``, K=4) or a list of transform specs; their parameters come from
@@ -127,29 +124,9 @@ class ContrastiveDefense(SelfSupervisedDefense):
     """
 
     views: ViewSpec = "simclr"
-    resample_views: bool = True
-    view_seed: int = 0
-    batched: bool = True
-    max_batch_pixels: int | None = None
-    _views: list[InvertibleTransform] = field(default_factory=list, init=False, repr=False, compare=False)
 
     name = "contrastive"
     kind: ClassVar[str] = "contrastive"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.max_batch_pixels is not None and self.max_batch_pixels < 1:
-            raise InvalidInputError(f"{self.name}.max_batch_pixels: expected >= 1, got {self.max_batch_pixels!r}")
-        object.__setattr__(self, "_views", build_views(self.views))
-
-    def params(self) -> dict[str, Any]:
-        p = super().params()
-        p.pop("_views", None)
-        return p
-
-    def view_params(self, step: int, in_size: tuple[int, int]):
-        seed = derive_seed(self.view_seed, "views", step if self.resample_views else 0)
-        return sample_view_params(self._views, seed, in_size)
 
     def score(self, adapter: TaskAdapter, x: torch.Tensor, step: int = 0) -> torch.Tensor:
         """Minus the per-image InfoNCE ``[B]`` of x and its views against the head's negative bank."""

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 import equicore.datasets  # noqa: F401  (registers the datasets)
 import equicore.models  # noqa: F401  (registers the models)
 from equicore.adapters import TaskAdapter, build_adapter
-from equicore.errors import CheckpointError, InvalidInputError
+from equicore.errors import InvalidInputError
 from equicore.heads import (
     HEADS_DIR,
     ROTATIONS,
@@ -49,7 +49,7 @@ from equicore.heads import (
     shipped_head_path,
 )
 from equicore.models.checkpoint import read_card, save_checkpoint
-from equicore.models.common import WEIGHTS_DIR
+from equicore.models.common import WEIGHTS_DIR, resolve_checkpoint
 from equicore.registry import DATASETS, MODELS
 from equicore.seeding import derive_seed
 from equicore.seeding import generator as make_generator
@@ -59,7 +59,6 @@ Log = Callable[[str], None]
 
 # The feature layer a head sits on when ``feature_layer`` is not given: the one the demo configs use for the model.
 DEFAULT_FEATURE_LAYERS = {"fashion_cnn": "features.block2", "lenet5_mnist_adv": "relu2", "lenet5_mnist_clean": "relu2"}
-RANDOM_INIT = "none"  # checkpoint value for a randomly initialised backbone (as in run configs)
 DEFAULT_TRAIN_LIMIT = 10000
 DEFAULT_EVAL_LIMIT = 2000
 EXTRACT_BATCH = 256
@@ -126,22 +125,14 @@ def build_backbone(model: str, checkpoint: str | os.PathLike[str] | None, seed: 
     recipe = TRAINING_RECIPES.get(model)
     options = dict(recipe.model_options) if recipe is not None else {}
     MODELS.get(model)
-    if checkpoint is not None and os.fspath(checkpoint) == RANDOM_INIT:
+    path = resolve_checkpoint(model, checkpoint, "pass --checkpoint")
+    if path is None:
         # The same seeding as a run config's ``checkpoint: none`` with ``seed: <seed>`` (tasks/runtime.py).
         torch.manual_seed(derive_seed(seed, "model-init"))
         net, source = MODELS.build(model, **options), f"random init (seed {seed})"
-    elif checkpoint is not None:
-        net, source = MODELS.build(model, checkpoint=checkpoint, **options), str(checkpoint)
-    elif (WEIGHTS_DIR / f"{model}.pt").is_file():
-        shipped = WEIGHTS_DIR / f"{model}.pt"
-        net, source = MODELS.build(model, checkpoint=shipped, **options), f"weights/{shipped.name}"
-    elif MODELS.meta(model).get("weights"):
-        net, source = MODELS.build(model, **options), f"weights/{MODELS.meta(model)['weights']}"
     else:
-        raise CheckpointError(
-            f"model {model!r} has no shipped weights: pass --checkpoint FILE (or '{RANDOM_INIT}'), or train it with "
-            f"`equi train {model}`"
-        )
+        net = MODELS.build(model, checkpoint=path, **options)
+        source = f"weights/{path.name}" if path.parent == WEIGHTS_DIR else str(path)
     net = net.eval()
     for p in net.parameters():
         p.requires_grad_(False)

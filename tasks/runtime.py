@@ -19,15 +19,13 @@ import torch
 import equicore  # noqa: F401  (registrations)
 from equicore.adapters import TaskAdapter, build_adapter
 from equicore.datasets import collate
-from equicore.errors import CheckpointError, InvalidInputError
+from equicore.errors import InvalidInputError
 from equicore.models.checkpoint import weights_digest
-from equicore.models.common import WEIGHTS_DIR
+from equicore.models.common import RANDOM_INIT, resolve_checkpoint
 from equicore.registry import DATASETS, MODELS
 from equicore.seeding import derive_seed
 from storage.keys import code_version as _code_version
 from tasks.config import RunConfig
-
-RANDOM_INIT = "none"  # model.checkpoint value for an untrained model (tests, smoke runs)
 
 
 @functools.cache
@@ -51,22 +49,6 @@ def pick_device(requested: str) -> torch.device:
     except (ImportError, ValueError):
         pass
     return torch.device("cuda", index)
-
-
-def resolve_checkpoint(name: str, checkpoint: str | None) -> str | None:
-    if checkpoint == RANDOM_INIT:
-        return None
-    if checkpoint is not None:
-        return checkpoint
-    shipped = WEIGHTS_DIR / f"{name}.pt"
-    if shipped.is_file():
-        return str(shipped)
-    if MODELS.meta(name).get("weights"):  # the factory loads its own shipped weights
-        return None
-    raise CheckpointError(
-        f"model {name!r} has no shipped weights: set model.checkpoint to a local file "
-        f"(or to '{RANDOM_INIT}' for an untrained model), or train it with `equi train {name}`"
-    )
 
 
 @dataclass
@@ -117,7 +99,7 @@ def build_runtime(cfg: RunConfig, device: torch.device | None = None) -> Runtime
             "expected at least one sample"
         )
     device = device or pick_device(cfg.device)
-    checkpoint = resolve_checkpoint(cfg.model.name, cfg.model.checkpoint)
+    checkpoint = resolve_checkpoint(cfg.model.name, cfg.model.checkpoint, "set model.checkpoint")
     kwargs = dict(cfg.model.params)
     if checkpoint is not None:
         kwargs["checkpoint"] = checkpoint

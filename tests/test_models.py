@@ -13,6 +13,7 @@ from PIL import Image
 
 import equicore.models  # noqa: F401  (registers the models)
 from equicore.errors import CheckpointError
+from equicore.models import common
 from equicore.models.checkpoint import (
     card_path,
     load_checkpoint,
@@ -21,6 +22,7 @@ from equicore.models.checkpoint import (
     save_checkpoint,
     weights_digest,
 )
+from equicore.models.common import RANDOM_INIT, resolve_checkpoint, shipped_weights
 from equicore.models.drn import DRN, BasicBlock
 from equicore.registry import MODELS
 
@@ -166,6 +168,25 @@ def test_shipped_weights_load_with_weights_only() -> None:
     for f in ("mnist_lenet5_clntrained.pt", "mnist_lenet5_advtrained.pt"):
         sd = torch.load(weights / f, map_location="cpu", weights_only=True)
         assert sorted(sd) == sorted(MODELS.build("lenet5").state_dict())
+
+
+@pytest.mark.parametrize("name", ["lenet5_mnist_adv", "fashion_cnn", "drn_tiny_seg", "maskrcnn_small"])
+def test_models_with_shipped_weights_resolve_to_their_registered_file(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shipped = shipped_weights(name)
+    assert shipped is not None and shipped.is_file() and resolve_checkpoint(name, None, "set it") == shipped
+    assert resolve_checkpoint(name, RANDOM_INIT, "set it") is None
+    assert resolve_checkpoint(name, tmp_path / "mine.pt", "set it") == tmp_path / "mine.pt"
+    monkeypatch.setattr(common, "WEIGHTS_DIR", tmp_path)  # an install that lost its weights
+    with pytest.raises(CheckpointError, match=rf"{name}.*{tmp_path / shipped.name}.*missing.*set it"):
+        resolve_checkpoint(name, None, "set it")
+
+
+def test_a_model_without_shipped_weights_needs_a_checkpoint() -> None:
+    assert shipped_weights("resnet50") is None
+    with pytest.raises(CheckpointError, match="'resnet50' has no shipped weights: set model.checkpoint"):
+        resolve_checkpoint("resnet50", None, "set model.checkpoint")
 
 
 # ------------------------------------------------------------------------------------------------- checkpoint safety

@@ -9,13 +9,43 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from equicore.errors import InvalidInputError
+from equicore.errors import CheckpointError, InvalidInputError
 from equicore.models.checkpoint import load_into
+from equicore.registry import MODELS
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+RANDOM_INIT = "none"  # checkpoint value for an untrained model (tests, smoke runs, head training on a random net)
+
+
+def shipped_weights(name: str) -> Path | None:
+    """The weights file a registered model ships with (its registration's ``weights=``), or None."""
+    file = MODELS.meta(name).get("weights")
+    return WEIGHTS_DIR / file if file else None
+
+
+def resolve_checkpoint(name: str, checkpoint: str | os.PathLike[str] | None, how: str) -> Path | None:
+    """What to load into model ``name``: None for ``RANDOM_INIT``, the given file, else its shipped weights.
+
+    ``how`` says, in the caller's terms, how to name a file (e.g. "set model.checkpoint"); the error for a model
+    without usable shipped weights uses it.
+    """
+    if checkpoint is not None:
+        return None if os.fspath(checkpoint) == RANDOM_INIT else Path(checkpoint)
+    shipped = shipped_weights(name)
+    if shipped is not None and shipped.is_file():
+        return shipped
+    if shipped is not None:
+        raise CheckpointError(
+            f"model {name!r}: its shipped weights {shipped} are missing; rebuild them with `equi train {name}` (the "
+            f"project's trained models) or reinstall, or {how} to a local file"
+        )
+    raise CheckpointError(
+        f"model {name!r} has no shipped weights: {how} to a local file (or to '{RANDOM_INIT}' for an untrained "
+        "model)"
+    )
 
 
 class Normalize(nn.Module):

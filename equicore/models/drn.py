@@ -248,7 +248,7 @@ def drn_d_22_seg(
     num_classes=11,
     output_stride=8,
     feature_layers=tuple(f"base.{i}" for i in range(9)),
-    weights=None,
+    weights="drn_tiny_seg.pt",  # trained by `equi train drn_tiny_seg`
 )
 def drn_tiny_seg(num_classes: int = 11, checkpoint: str | os.PathLike[str] | None = None) -> nn.Module:
     """Small dilated residual segmentation net (stride 8) for the built-in 96x96 scenes benchmark."""

@@ -81,7 +81,7 @@ class FashionCNN(nn.Module):
     input_shape=(1, 28, 28),
     num_classes=10,
     feature_layers=FASHION_FEATURE_LAYERS,
-    weights=None,
+    weights="fashion_cnn.pt",  # trained by `equi train fashion_cnn`
 )
 def fashion_cnn(checkpoint: str | os.PathLike[str] | None = None) -> nn.Module:
     """FashionCNN, randomly initialised or loaded from ``checkpoint`` (trained by the project's train command)."""

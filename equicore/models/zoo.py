@@ -225,7 +225,7 @@ class TinyResNet(nn.Module):
     input_shape=(3, 96, 96),
     num_classes=11,
     feature_layers=MASKRCNN_FEATURE_LAYERS,
-    weights=None,
+    weights="maskrcnn_small.pt",  # trained by `equi train maskrcnn_small`
 )
 def maskrcnn_small(
     num_classes: int = 11, min_size: int = 96, max_size: int = 128, checkpoint: CheckpointPath = None

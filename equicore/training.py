@@ -117,7 +117,7 @@ TRAINING_RECIPES: dict[str, Recipe] = {
             dataset="fashion_scenes",
             train_split="train",
             test_split="test",
-            epochs=20,
+            epochs=16,
             batch_size=16,
             optimizer="adamw",
             lr=3e-3,
@@ -138,7 +138,7 @@ TRAINING_RECIPES: dict[str, Recipe] = {
             dataset="fashion_scenes_instances",
             train_split="train",
             test_split="test",
-            epochs=5,
+            epochs=12,
             batch_size=8,
             optimizer="adamw",
             lr=1e-3,
@@ -643,7 +643,7 @@ def evaluate_clean(
     else:
         ckpt = Path(checkpoint) if checkpoint is not None else WEIGHTS_DIR / recipe.output
         model = MODELS.build(recipe.model, checkpoint=ckpt, **dict(recipe.model_options))
-        source = str(ckpt)
+        source = _display_path(ckpt)
     ds = _build_split(recipe, recipe.test_split)
     if ds.split != "test":
         raise InvalidInputError(f"recipe {name!r}: evaluate_clean must score a test split, got {ds.split!r}")
@@ -674,6 +674,14 @@ def evaluate_clean(
     if log is not None:
         log(f"[{name}] clean {recipe.metric} {value:.4f} on {ds.split} split, n={n} ({time.perf_counter() - t0:.0f} s)")
     return out
+
+
+def _display_path(path: Path) -> str:
+    """A shipped checkpoint as its repository path (cards are committed; a developer's absolute path is noise)."""
+    try:
+        return str(Path("equicore/models/weights") / path.resolve().relative_to(WEIGHTS_DIR.resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _eval_classification(model: nn.Module, ds: Any, n: int, bs: int) -> tuple[float, dict[str, Any]]:

@@ -194,6 +194,22 @@ def partial_note(partial: bool) -> list[str]:
     return ["* partial: some shards are missing or failed (see `equi status`)"] if partial else []
 
 
+def sample_note(sel: Sequence[Mapping[str, Any]], metric: str) -> list[str]:
+    """How many images a cell rests on, and for accuracy the binomial standard error it implies, so a reader can
+    tell a difference from sampling noise."""
+    if metric not in MAIN_METRICS:
+        return []
+    counts = sorted({int(r["n_samples"]) for r in sel if r.get("n_samples")})
+    if not counts:
+        return []
+    text = f"n = {' or '.join(map(str, counts))} images per cell"
+    if metric == "accuracy":
+        n = counts[0]
+        # The standard error sqrt(p(1-p)/n) is largest at p = 0.5.
+        text += f": one image = {100 / n:.2f} points, standard error up to {50 / math.sqrt(n):.1f} points"
+    return [text]
+
+
 def table_metrics(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     present = {r["metric"] for r in rows}
     return [m for m in (*MAIN_METRICS, "equivariance_before", "equivariance_after") if m in present]
@@ -210,7 +226,7 @@ def build_tables(rows: list[dict[str, Any]]) -> list[Table]:
     for metric in table_metrics(run_rows):
         sel = [r for r in run_rows if r["metric"] == metric]
         cells = {(r["attack_label"], r["defense_label"]): fmt_cell(r) for r in sel}
-        notes = partial_note(any(is_partial(r) for r in sel)) + worst_notes(sel)
+        notes = partial_note(any(is_partial(r) for r in sel)) + sample_note(sel, metric) + worst_notes(sel)
         rows_, cols = ordered([r["attack_label"] for r in sel]), ordered([r["defense_label"] for r in sel])
         tables.append(Table(TITLES[metric], rows_, cols, cells, notes))
     return tables

@@ -466,3 +466,23 @@ def test_equivariance_and_ablation_pages_of_the_same_run(sweep_run, tmp_path) ->
     assert "no defense of this run varies K" in pages["k_sweep"]
     assert "## Tables" in pages["attack_x_defense"] and "## Sweep" not in pages["attack_x_defense"]
     assert all("(e-examples-2-pgd.png)" in p for p in pages.values())
+
+
+def test_tables_state_the_sample_count_and_accuracy_standard_error() -> None:
+    def row(attack: str, metric: str, value: float, n: int) -> dict:
+        return {
+            "attack": attack,
+            "attack_params": "{}",
+            "defense": "vanilla",
+            "defense_params": "{}",
+            "metric": metric,
+            "value": value,
+            "n_samples": n,
+            "shards_done": 1,
+            "shards_total": 1,
+        }
+
+    acc = build_tables([row("clean", "accuracy", 0.9, 20), row("pgd", "accuracy", 0.5, 20)])[0]
+    assert "n = 20 images per cell: one image = 5.00 points, standard error up to 11.2 points" in acc.notes
+    miou = build_tables([row("clean", "miou", 0.4, 8)])[0]
+    assert "n = 8 images per cell" in miou.notes and not any("standard error" in n for n in miou.notes)

@@ -486,3 +486,17 @@ def test_tables_state_the_sample_count_and_accuracy_standard_error() -> None:
     assert "n = 20 images per cell: one image = 5.00 points, standard error up to 11.2 points" in acc.notes
     miou = build_tables([row("clean", "miou", 0.4, 8)])[0]
     assert "n = 8 images per cell" in miou.notes and not any("standard error" in n for n in miou.notes)
+
+
+def test_results_md_tables_are_the_generated_pages_tables() -> None:
+    """docs/RESULTS.md is its template with every table copied from docs/results/ (scripts/render_results.py)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(repo / "scripts" / "render_results.py"), "--check"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    template = (repo / "docs" / "RESULTS.template.md").read_text()
+    assert template.count("{{table ") >= 8

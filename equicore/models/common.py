@@ -43,8 +43,7 @@ def resolve_checkpoint(name: str, checkpoint: str | os.PathLike[str] | None, how
             f"project's trained models) or reinstall, or {how} to a local file"
         )
     raise CheckpointError(
-        f"model {name!r} has no shipped weights: {how} to a local file (or to '{RANDOM_INIT}' for an untrained "
-        "model)"
+        f"model {name!r} has no shipped weights: {how} to a local file (or to '{RANDOM_INIT}' for an untrained model)"
     )
 
 

@@ -641,7 +641,7 @@ def evaluate_clean(
     if isinstance(checkpoint, nn.Module):
         model, source = checkpoint.eval(), "in-memory model"
     else:
-        ckpt = Path(checkpoint) if checkpoint is not None else WEIGHTS_DIR / recipe.output
+        ckpt = Path(checkpoint) if checkpoint is not None else default_checkpoint(name)
         model = MODELS.build(recipe.model, checkpoint=ckpt, **dict(recipe.model_options))
         source = _display_path(ckpt)
     ds = _build_split(recipe, recipe.test_split)

@@ -201,3 +201,11 @@ def test_model_cards_markdown_is_current():
     for card in T.load_cards():
         assert f"`{card['name']}`" in md and card["weights_digest"] in md
     assert "MNIST TRAINING-split digits" in md and "n=20" in md
+
+
+def test_each_recipe_writes_the_file_its_model_is_registered_to_ship():
+    """The recipe names the file training writes and the registry the file runs load: they must be one file."""
+    from equicore.models.common import shipped_weights
+
+    for name, recipe in T.TRAINING_RECIPES.items():
+        assert shipped_weights(recipe.model) == T.default_checkpoint(name), name

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -267,7 +267,7 @@ def load_scene_cache(path: Path, cfg: SceneConfig) -> dict[str, np.ndarray] | No
     return arrays
 
 
-def build_scene_cache(ds: FashionScenes, data_dir: Path, log=None) -> Path:
+def build_scene_cache(ds: FashionScenes, data_dir: Path, log: Callable[[str], None] | None = None) -> Path:
     """Generate every scene of ``ds`` and write the cache (atomically: a temp folder renamed into place), unless a
     valid cache is already there."""
     cfg = ds.cfg

@@ -23,7 +23,7 @@ from equicore.models.checkpoint import (
     weights_digest,
 )
 from equicore.models.common import RANDOM_INIT, resolve_checkpoint, shipped_weights
-from equicore.models.drn import DRN, BasicBlock
+from equicore.models.drn import DRN, BasicBlock, DRNSeg
 from equicore.registry import MODELS
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mnist_foolbox"
@@ -141,6 +141,51 @@ def test_drn_forward_is_upsampled_lowres_logits() -> None:
         odd = model(torch.rand(1, 3, 90, 94))  # not a multiple of 8: still the input's size
     assert odd.shape == (1, 11, 90, 94)
     assert not model.up.weight.requires_grad
+
+
+@pytest.mark.parametrize("stride", [8, 4])
+def test_drn_output_stride_sets_logit_resolution_and_keeps_parameters(stride: int) -> None:
+    torch.manual_seed(0)
+    channels = (16, 16, 32, 48, 64, 80, 80, 80)
+    model = DRNSeg(DRN(BasicBlock, [1] * 8, num_classes=0, channels=channels, output_stride=stride), 11).eval()
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        low, out = model.logits_lowres(x), model(x)
+    assert low.shape == (2, 11, 96 // stride, 96 // stride) and model.output_stride == stride
+    assert out.shape == (2, 11, 96, 96) and torch.allclose(out, model.up(low), atol=1e-5)  # the exact deconvolution
+    # Dilation instead of striding: the same trained parameters (only the fixed x s upsampling kernel differs).
+    other = DRNSeg(DRN(BasicBlock, [1] * 8, num_classes=0, channels=channels, output_stride=12 - stride), 11)
+    shapes = [{k: v.shape for k, v in m.state_dict().items() if k != "up.weight"} for m in (model, other)]
+    assert shapes[0] == shapes[1] and model.up.weight.shape[-1] == 2 * stride
+    with pytest.raises(ValueError, match="output_stride must be 4 or 8"):
+        DRN(BasicBlock, [1] * 8, num_classes=0, channels=channels, output_stride=16)
+
+
+def test_drn_dilations_change_where_kernels_look_not_the_parameters() -> None:
+    channels = (16, 16, 32, 48, 64, 80, 80, 80)
+    default = DRN(BasicBlock, [1] * 8, num_classes=0, channels=channels, output_stride=4)
+    small = DRN(BasicBlock, [1] * 8, num_classes=0, channels=channels, output_stride=4, dilations=(1, 2, 2))
+    assert {k: v.shape for k, v in default.state_dict().items()} == {k: v.shape for k, v in small.state_dict().items()}
+    # The official doubling by default (first conv of a new level at half), the given dilations otherwise.
+    assert [default.layer4[0].conv1.dilation, default.layer5[0].conv2.dilation, default.layer6[0].conv2.dilation] == [
+        (1, 1),
+        (4, 4),
+        (8, 8),
+    ]
+    assert default.layer4[0].conv2.dilation == (2, 2)
+    assert [small.layer4[0].conv2.dilation, small.layer5[0].conv2.dilation, small.layer6[0].conv2.dilation] == [
+        (1, 1),
+        (2, 2),
+        (2, 2),
+    ]
+    x = torch.rand(1, 3, 96, 96)
+    with torch.no_grad():
+        assert small.eval()(x).shape == default.eval()(x).shape == (1, 80, 24, 24)
+    official = DRN(BasicBlock, [1] * 8, num_classes=0, channels=channels)  # stride 8: layer4 strided, 2 and 4 after
+    assert official.layer4[0].conv1.stride == (2, 2) and official.layer6[0].conv2.dilation == (4, 4)
+    for bad in ((0, 2, 2), (2, 2, 4)):  # a zero dilation; a dilated layer4 at stride 8 (it is the strided one)
+        with pytest.raises(ValueError, match="DRN dilations"):
+            DRN(BasicBlock, [1] * 8, num_classes=0, channels=channels, dilations=bad)
 
 
 # -------------------------------------------------------------------------------------------------- shipped weights

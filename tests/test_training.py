@@ -118,6 +118,48 @@ def test_coco_mask_ap_perfect_wrong_and_empty():
 
 
 @needs_data
+def test_train_only_dataset_options_leave_the_test_split_alone():
+    recipe = T.get_recipe("drn_tiny_seg")
+    assert recipe.train_dataset_options == {"num_scenes": 20_000}
+    train, test = T._build_split(recipe, "train"), T._build_split(recipe, "test")
+    assert (train.split, len(train)) == ("train", 20_000) and (test.split, len(test)) == ("test", 500)
+    # Scene i does not depend on how many scenes the split holds: the first 4000 are the default cache's.
+    default = DATASETS.build("fashion_scenes", split="train")
+    assert torch.equal(train[3999].image, default[3999].image) and torch.equal(train[3999].target, default[3999].target)
+
+
+def test_pretrain_stage_recipe_takes_its_own_data_and_settings():
+    recipe = T.get_recipe("drn_tiny_seg")
+    stage = T.pretrain_recipe(recipe)
+    assert stage is not None and stage.name == "drn_tiny_seg/pretrain" and stage.pretrain == {}
+    assert (stage.epochs, stage.batch_size, stage.lr) == (4, 32, recipe.lr)  # lr not given: the recipe's
+    assert stage.train_dataset_options == dict(recipe.pretrain["dataset_options"])
+    assert (stage.model, stage.task, stage.augmentation, stage.seed) == (
+        recipe.model,
+        recipe.task,
+        recipe.augmentation,
+        recipe.seed,
+    )
+    assert T.pretrain_recipe(T.get_recipe("fashion_cnn")) is None
+    bad = T.dataclasses.replace(recipe, pretrain={"epochs": 1, "epoch": 2})
+    with pytest.raises(InvalidInputError, match="pretrain needs 'epochs' and takes only"):
+        T.pretrain_recipe(bad)
+    with pytest.raises(InvalidInputError, match="pretrain needs 'epochs'"):
+        T.pretrain_recipe(T.dataclasses.replace(recipe, pretrain={"lr": 1e-3}))
+    assert json.dumps(recipe.to_dict())  # the card's copy of the recipe is plain JSON
+
+
+@needs_data
+def test_pretrain_stage_data_is_its_own_split_of_the_same_scenes():
+    stage = T.pretrain_recipe(T.get_recipe("drn_tiny_seg"))
+    ds = T._build_split(stage, "train")
+    s = ds[0]
+    assert ds.split == "train" and len(ds) == 60_000 and s.image.shape == (3, 48, 48)
+    # One item per scene: background plus exactly one class.
+    assert len(set(s.target.unique().tolist()) - {0}) == 1
+
+
+@needs_data
 @pytest.mark.parametrize("name", list(T.TRAINING_RECIPES))
 def test_tiny_training_run_writes_loadable_checkpoint_and_card(name, tmp_path):
     recipe = T.get_recipe(name)
@@ -142,6 +184,15 @@ def test_tiny_training_run_writes_loadable_checkpoint_and_card(name, tmp_path):
     again = T.evaluate_clean(name, checkpoint=ckpt, limit=2)
     assert again["split"] == "test" and again["n"] == 2 and again["value"] == again["value"]  # not NaN
     assert json.dumps(card)  # the card is plain JSON
+    stage = T.pretrain_recipe(recipe)
+    if stage is None:
+        assert "pretrain" not in card
+    else:  # the first stage ran on its own data, capped by the same limit, and the card says so
+        pre = card["pretrain"]
+        assert pre["epochs"] == stage.epochs and len(pre["epoch_times_s"]) == stage.epochs
+        assert pre["data"]["n"] == n_train and pre["data"]["fingerprint"] != card["data"]["fingerprint"]
+        assert any(line.startswith(f"[{stage.name}] epoch {stage.epochs}/") for line in logs)
+        assert "- **First stage:** " in T.render_model_cards(tmp_path)
 
 
 def _shipped_card(name: str) -> dict:
@@ -169,6 +220,15 @@ def test_shipped_instance_model_reaches_its_target_when_measured_again():
     m = T.evaluate_clean("maskrcnn_small", limit=50)
     assert m["split"] == "test" and m["n"] == 50
     assert m["value"] >= T.get_recipe("maskrcnn_small").acceptance
+
+
+@needs_data
+def test_shipped_segmentation_card_figure_is_measured_again():
+    """The segmentation card's mIoU is not taken on trust: re-score all 500 test scenes (a few seconds)."""
+    card = _shipped_card("drn_tiny_seg")["clean_test_metric"]
+    m = T.evaluate_clean("drn_tiny_seg")
+    assert m["split"] == "test" and m["n"] == card["n"] == TEST_SIZES["drn_tiny_seg"]
+    assert m["value"] == pytest.approx(card["value"], abs=1e-3)  # thread count may flip a few near-tied pixels
 
 
 @pytest.mark.parametrize("name", NOT_REACHED)

@@ -183,7 +183,8 @@ def test_drn_dilations_change_where_kernels_look_not_the_parameters() -> None:
         assert small.eval()(x).shape == default.eval()(x).shape == (1, 80, 24, 24)
     official = DRN(BasicBlock, [1] * 8, num_classes=0, channels=channels)  # stride 8: layer4 strided, 2 and 4 after
     assert official.layer4[0].conv1.stride == (2, 2) and official.layer6[0].conv2.dilation == (4, 4)
-    for bad in ((0, 2, 2), (2, 2, 4)):  # a zero dilation; a dilated layer4 at stride 8 (it is the strided one)
+    # a zero dilation; a dilated layer4 at stride 8 (it is the strided one); too few and too many stages
+    for bad in ((0, 2, 2), (2, 2, 4), (1, 2), (1, 2, 2, 2)):
         with pytest.raises(ValueError, match="DRN dilations"):
             DRN(BasicBlock, [1] * 8, num_classes=0, channels=channels, dilations=bad)
 

@@ -78,6 +78,8 @@ class DRN(nn.Module):
         super().__init__()
         if output_stride not in (4, 8):
             raise ValueError(f"DRN output_stride must be 4 or 8, got {output_stride}")
+        if dilations is not None and len(dilations) != 3:
+            raise ValueError(f"DRN dilations are (layer4, layer5, layer6): three ints, got {tuple(dilations)}")
         d4, d5, d6 = dilations if dilations is not None else ((1, 2, 4) if output_stride == 8 else (2, 4, 8))
         if min(d4, d5, d6) < 1 or (output_stride == 8 and d4 != 1):
             raise ValueError(f"DRN dilations must be >= 1 (and layer4's 1 at output stride 8), got {dilations}")

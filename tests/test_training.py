@@ -36,10 +36,9 @@ TINY = {"fashion_cnn": (64, 64), "drn_tiny_seg": (8, 8), "maskrcnn_small": (4, 2
 # Full test-split sizes the shipped cards must have been scored on.
 TEST_SIZES = {"fashion_cnn": 10000, "drn_tiny_seg": 500, "maskrcnn_small": 500}
 
-# Models whose shipped checkpoint reached its acceptance target (see the report / MODEL_CARDS.md). A model that did
-# not reach it is NOT listed with a lowered threshold; it is tested as a strict xfail below instead.
+# Every shipped model's checkpoint must meet its recipe's acceptance target on the full test split (issue #3). A
+# retrained checkpoint that misses it fails here: the threshold is never lowered to make it pass.
 REACHED = ("drn_tiny_seg", "fashion_cnn", "maskrcnn_small")
-NOT_REACHED: tuple[str, ...] = ()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -231,20 +230,9 @@ def test_shipped_segmentation_card_figure_is_measured_again():
     assert m["value"] == pytest.approx(card["value"], abs=1e-3)  # thread count may flip a few near-tied pixels
 
 
-@pytest.mark.parametrize("name", NOT_REACHED)
-def test_shipped_card_below_acceptance_is_recorded_honestly(name):
-    recipe = T.get_recipe(name)
-    card = _shipped_card(name)
-    m = card["clean_test_metric"]
-    assert m["split"] == "test" and m["n"] == TEST_SIZES[name] and m["metric"] == recipe.metric
-    assert card["weights_digest"] == weights_digest(WEIGHTS_DIR / recipe.output)
-    assert card["acceptance"]["met"] is (m["value"] >= recipe.acceptance)
-    if m["value"] < recipe.acceptance:
-        pytest.xfail(
-            f"{name}: clean test {m['metric']} {m['value']:.4g} < acceptance {recipe.acceptance} "
-            "(not reached within the CPU training budget; see MODEL_CARDS.md)"
-        )
-    pytest.fail(f"{name} now meets its acceptance target: move it to REACHED")
+def test_every_trained_recipe_is_held_to_its_target():
+    """A new recipe cannot ship without the acceptance check above."""
+    assert set(REACHED) == set(T.TRAINING_RECIPES)
 
 
 def test_shipped_weights_are_small():

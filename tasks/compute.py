@@ -184,7 +184,8 @@ def adversarial_images(
 # ---------------------------------------------------------------------------------------------------- defend
 def metric_names(rt: Runtime, attack: AttackConfig) -> list[str]:
     names = [TASK_METRICS[rt.task]]
-    if rt.task == "segmentation" and attack.name != CLEAN and attack.params().get("targeted"):
+    spec = build_attack(attack.name, **attack.params()) if attack.name != CLEAN else None
+    if rt.task == "segmentation" and spec is not None and spec.targeted and spec.target != "top":
         names.append("miou_to_target")
     return names
 
@@ -248,7 +249,7 @@ def defend_shard(
         with torch.no_grad():
             preds = rt.adapter.predict(x_def)
         batch: dict[str, Any] = {"preds": _to_cpu(preds), "labels": _to_cpu(y)}
-        if attack_spec is not None and attack_spec.targeted:
+        if attack_spec is not None and attack_spec.targeted and attack_spec.target != "top":
             batch["attack_targets"] = make_targets(rt.adapter, data.images[sl], y, attack_spec.target).cpu()
         for st in states.values():
             st.update(batch)

@@ -91,8 +91,12 @@ class AttackConfig(_Strict):
 
     @property
     def defense_aware(self) -> bool:
-        """BPDA / AA: the adversarial images depend on the defense, so they are generated per defense."""
-        return self.name != CLEAN and bool(ATTACKS.meta(self.name).get("defense_aware"))
+        """BPDA / AA / Square: the adversarial images depend on the defense, so they are generated per defense."""
+        if self.name == CLEAN:
+            return False
+        from equicore.attacks import build_attack
+
+        return build_attack(self.name, **self.params()).defense_aware
 
     def sweep_group(self) -> str | None:
         """Entries of one ``lambda_e`` sweep share this label (the attack minus lambda_e); None outside sweeps."""
@@ -224,6 +228,11 @@ class RunConfig(_Strict):
             if a.name == CLEAN:
                 continue
             spec = build_attack(a.name, **a.params())
+            attack_tasks = ATTACKS.meta(a.name).get("tasks", ())
+            if spec.optimizer == "square":
+                attack_tasks = ("classification",)
+            if attack_tasks and task not in attack_tasks:
+                raise ConfigError(f"attacks.{i} ({a.name}): defined for {list(attack_tasks)} models, not {task}")
             tasks = LOSSES.meta(spec.loss).get("tasks", ())
             if tasks and task not in tasks:
                 raise ConfigError(

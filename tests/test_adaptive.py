@@ -113,7 +113,7 @@ def test_bpda_breaks_a_purely_random_defense_better_than_pgd_through_its_noise()
     the defense (a defense that only masks gradients must not look robust under BPDA)."""
     s = make_task("classification", n=8)
     noisy = build_defense("random_noise", eps_v=4.0)
-    attack = build_attack("bpda", eps=16, steps=5, step_size=4, eot=2)
+    attack = build_attack("bpda", eps=16, steps=5, step_size=4, eot=2, optimizer="pgd")
     x_adv = run_attack(attack, s.adapter, s.x, s.y, list(range(8)), defense=noisy).x_adv
     with torch.no_grad():
         clean_acc = (s.adapter.predict(noisy.purify(s.adapter, s.x, list(range(8)))) == s.y).float().mean()
@@ -151,7 +151,7 @@ def test_config_rejects_attacks_not_defined_for_the_task_and_bad_sweeps(tmp_path
 @pytest.fixture(scope="module")
 def adaptive_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("adaptive")
-    attack = {"eps": 48, "step_size": 16, "steps": 2}
+    attack = {"eps": 48, "step_size": 16, "steps": 2, "optimizer": "pgd"}
     cfg = parse_config(
         tiny_config(
             tmp,
@@ -205,7 +205,7 @@ def test_results_flag_a_test_time_defense_evaluated_without_adaptive_attacks(tmp
             tmp_path,
             shard_size=5,
             dataset={"name": "mnist", "params": {"root": str(tmp_path / "mnist"), "split": "test"}, "limit": 5},
-            attacks=[{"name": "pgd", "eps": 48, "step_size": 16, "steps": 1}, {"name": "bpda", "steps": 1}],
+            attacks=[{"name": "pgd", "eps": 48, "step_size": 16, "steps": 1}, {"name": "bpda", "steps": 1, "eot": 1}],
             defenses=[{"name": "vanilla"}, {"name": "equivariance", "steps": 1, "views": ["hflip"]}],
             cluster={"in_process": True, "torch_threads": 1},
         )

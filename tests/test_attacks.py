@@ -48,7 +48,12 @@ def small_attack(name: str, norm: str = "linf", eps: float | None = None, **extr
     """The registered attack with its own step rules, at most 3 steps (one-step attacks stay one step)."""
     default = build_attack(name)
     eps = NORMS[norm] if eps is None else eps
+    if default.optimizer == "square":
+        return build_attack(name, eps=eps, norm=norm, n_queries=12, **extra)
     steps = min(default.steps, 3)
+    if default.optimizer == "apgd":  # APGD sets its own step size; keep the top-k target sweep short
+        top = {"n_target_classes": 2} if extra.get("target", default.target) == "top" else {}
+        return build_attack(name, eps=eps, norm=norm, steps=steps, **top, **extra)
     step_size = eps if steps == 1 else eps / 2
     return build_attack(name, eps=eps, norm=norm, steps=steps, step_size=step_size, **extra)
 
@@ -93,6 +98,9 @@ def test_attack_raises_its_loss(name: str, task: str, seeds: list[int]) -> None:
     with torch.no_grad():
         before, after = loss_fn(s.x), loss_fn(x_adv)
     assert before.shape == (5,)
+    if attack.target == "top":  # APGD-T maximises DLR towards other classes: the untargeted DLR rises overall
+        assert float(after.sum()) > float(before.sum())
+        return
     # Capped losses (CW at kappa) can be flat for already-fooled samples; none may go down noticeably.
     assert float(after.sum()) > float(before.sum())
     assert bool((after >= before - 1e-3).all())
@@ -111,6 +119,8 @@ def test_same_seed_is_bit_identical_and_seeds_matter_only_for_random_starts(
     other = run_attack(attack, s.adapter, s.x, s.y, [sd + 1 for sd in seeds]).x_adv
     if attack.random_init:
         for i in range(len(seeds)):  # every sample's start comes from its own seed
+            if attack.gradient_free and torch.equal(a[i], s.x[i]):
+                continue  # Square spends one query on an image already misclassified and leaves it as it is
             assert not torch.equal(a[i], other[i])
     else:
         assert torch.equal(a, other)
@@ -148,8 +158,12 @@ def test_batch_independence_in_float32(task: str, seeds: list[int]) -> None:
 
 @pytest.mark.parametrize("name,task", cases())
 def test_targeted_attack_moves_predictions_towards_targets(name: str, task: str, seeds: list[int]) -> None:
+    if build_attack(name).optimizer == "square":
+        pytest.skip("the Square attack here is untargeted")
     s = make_task(task, n=6)
-    attack = small_attack(name, eps=32.0, targeted=True, target="next")
+    # APGD's own targeted loss is DLR over the top-k sweep; towards one named target it is held to CE like the rest.
+    ce = {"loss": "ce"} if build_attack(name).optimizer == "apgd" and build_attack(name).loss != "ce" else {}
+    attack = small_attack(name, eps=32.0, targeted=True, target="next", **ce)
     result = run_attack(attack, s.adapter, s.x, s.y, [*seeds, 606])
     targets = result.targets
     assert targets is not None and targets.shape == s.y.shape

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import equicore  # noqa: F401  (registrations)
-from equicore.attacks import Attack, build_loss
+from equicore.attacks import Attack, build_loss, make_targets
 from equicore.defenses import Defense
 from equicore.metrics import MetricState
 from equicore.registry import (
@@ -103,7 +103,10 @@ def loss_cases() -> list:
 def test_loss_entries_are_per_sample_and_differentiable(name: str, task: str) -> None:
     s = make_task(task, n=3)
     for targeted in (False, True):
-        fn = build_loss(name, s.adapter, s.y, targeted=targeted)
+        # A targeted loss that also needs the ground truth (targeted DLR) declares it as true_labels.
+        extra = {"true_labels": s.y} if targeted and "true_labels" in (accepted_params(LOSSES.get(name)) or ()) else {}
+        targets = make_targets(s.adapter, s.x, s.y, "next") if targeted and extra else s.y
+        fn = build_loss(name, s.adapter, targets, targeted=targeted, **extra)
         x = s.x.clone().requires_grad_(True)
         value = fn(x)
         assert value.shape == (3,) and torch.isfinite(value).all()
@@ -113,6 +116,9 @@ def test_loss_entries_are_per_sample_and_differentiable(name: str, task: str) ->
         x2 = s.x.clone()
         x2[1] = 1 - x2[1]
         assert torch.equal(fn(x2)[0].detach(), value[0].detach())
+        # select(idx): the same loss over a subset of the batch (attacks drop samples already fooled).
+        idx = torch.tensor([2, 0])
+        assert torch.allclose(fn.select(idx)(s.x[idx]).detach(), value[idx].detach(), atol=1e-6)
 
 
 @pytest.mark.parametrize("name", DEFENSES.names())

@@ -28,29 +28,54 @@ from equicore.seeding import derive_seed
 from equicore.transforms import build_views
 
 
-def bpda_loss(task_loss: LossFn, defense: Defense, adapter: TaskAdapter, seeds: Sequence[int], eot: int = 1) -> LossFn:
+class BPDALoss:
     """Straight-through (BPDA) loss through ``defense.purify``, averaged over ``eot`` draws of its randomness.
 
-    Deterministic defenses are purified once per step whatever ``eot`` says: the draws would be identical.
+    Deterministic defenses are purified once per step whatever ``eot`` says: the draws would be identical. The
+    attack calls the loss once per step, in order: the call count seeds that step's draws (shared with subsets made
+    by ``select``, so a restart on the samples not yet fooled continues the count). ``fooled``: the defended model
+    misclassifies under every draw of the last call.
     """
-    if isinstance(eot, bool) or not isinstance(eot, int) or eot < 1:
-        raise InvalidInputError(f"bpda.eot: expected an integer >= 1, got {eot!r}")
-    draws = eot if defense.randomized else 1
-    calls = [0]  # the loop calls the loss once per step, in order: the step index seeds that step's draws
 
-    def loss_fn(x: torch.Tensor) -> torch.Tensor:
-        step = calls[0]
-        calls[0] += 1
-        total = None
-        for k in range(draws):
-            draw_seeds = [derive_seed(s, "bpda", step, k) for s in seeds]
-            purified = defense.purify(adapter, x.detach(), draw_seeds)
+    def __init__(
+        self,
+        task_loss: LossFn,
+        defense: Defense,
+        adapter: TaskAdapter,
+        seeds: Sequence[int],
+        eot: int = 1,
+        calls: list[int] | None = None,
+    ) -> None:
+        if isinstance(eot, bool) or not isinstance(eot, int) or eot < 1:
+            raise InvalidInputError(f"bpda.eot: expected an integer >= 1, got {eot!r}")
+        self.task_loss, self.defense, self.adapter, self.seeds, self.eot = task_loss, defense, adapter, seeds, eot
+        self.draws = eot if defense.randomized else 1
+        self.calls = calls if calls is not None else [0]
+        self.fooled: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        step = self.calls[0]
+        self.calls[0] += 1
+        total, fooled = None, None
+        for k in range(self.draws):
+            draw_seeds = [derive_seed(s, "bpda", step, k) for s in self.seeds]
+            purified = self.defense.purify(self.adapter, x.detach(), draw_seeds)
             straight_through = x + (purified - x).detach()
-            value = task_loss(straight_through)
+            value = self.task_loss(straight_through)
             total = value if total is None else total + value
-        return total / draws
+            drew = getattr(self.task_loss, "fooled", None)
+            fooled = None if drew is None else (drew if fooled is None else fooled & drew)
+        self.fooled = fooled
+        return total / self.draws
 
-    return loss_fn
+    def select(self, idx: torch.Tensor) -> BPDALoss:
+        sub = self.task_loss.select(idx)  # type: ignore[attr-defined]
+        return BPDALoss(sub, self.defense, self.adapter, [self.seeds[i] for i in idx.tolist()], self.eot, self.calls)
+
+
+def bpda_loss(task_loss: LossFn, defense: Defense, adapter: TaskAdapter, seeds: Sequence[int], eot: int = 1) -> LossFn:
+    """See :class:`BPDALoss`."""
+    return BPDALoss(task_loss, defense, adapter, seeds, eot)
 
 
 def defense_objective(defense: Defense, fallback_views: str | Sequence = "paper"):
@@ -68,6 +93,28 @@ def defense_objective(defense: Defense, fallback_views: str | Sequence = "paper"
     return equivariance
 
 
+class AdaptiveLoss:
+    """Paper eq. 6: ``L_task(x_a) + lambda_e * S(x_a)`` with ``S`` differentiated at ``x_a``. ``fooled`` stays None:
+    the undefended logits do not say whether the defended model is fooled."""
+
+    def __init__(self, task_loss: LossFn, objective, adapter: TaskAdapter, lambda_e: float, calls=None) -> None:
+        self.task_loss, self.objective, self.adapter, self.lambda_e = task_loss, objective, adapter, lambda_e
+        self.calls = calls if calls is not None else [0]
+        self.fooled: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        step = self.calls[0]
+        self.calls[0] += 1
+        value = self.task_loss(x)
+        if self.lambda_e > 0:
+            value = value + self.lambda_e * self.objective(self.adapter, x, step)
+        return value
+
+    def select(self, idx: torch.Tensor) -> AdaptiveLoss:
+        sub = self.task_loss.select(idx)  # type: ignore[attr-defined]
+        return AdaptiveLoss(sub, self.objective, self.adapter, self.lambda_e, self.calls)
+
+
 def adaptive_loss(
     task_loss: LossFn,
     defense: Defense,
@@ -75,18 +122,7 @@ def adaptive_loss(
     lambda_e: float,
     fallback_views: str | Sequence = "paper",
 ) -> LossFn:
-    """Paper eq. 6: maximise ``L_task(x_a) + lambda_e * S(x_a)`` with ``S`` differentiated at ``x_a``."""
+    """Paper eq. 6 (see :class:`AdaptiveLoss`)."""
     if not lambda_e >= 0 or lambda_e == float("inf"):
         raise InvalidInputError(f"aa.lambda_e: expected a finite value >= 0, got {lambda_e!r}")
-    objective = defense_objective(defense, fallback_views)
-    calls = [0]
-
-    def loss_fn(x: torch.Tensor) -> torch.Tensor:
-        step = calls[0]
-        calls[0] += 1
-        value = task_loss(x)
-        if lambda_e > 0:
-            value = value + lambda_e * objective(adapter, x, step)
-        return value
-
-    return loss_fn
+    return AdaptiveLoss(task_loss, defense_objective(defense, fallback_views), adapter, lambda_e)

@@ -16,7 +16,8 @@ LossFn = Callable[[torch.Tensor], torch.Tensor]
 NORMS = ("linf", "l2")
 
 
-def _per_sample_norm(t: torch.Tensor, p: float) -> torch.Tensor:
+def per_sample_norm(t: torch.Tensor, p: float) -> torch.Tensor:
+    """The Lp norm of each sample, shaped to broadcast over it."""
     return t.flatten(1).norm(p=p, dim=1).view(-1, *([1] * (t.ndim - 1)))
 
 
@@ -24,7 +25,7 @@ def project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     """Project perturbations onto the eps-ball (eps in [0,1] pixel units)."""
     if norm == "linf":
         return delta.clamp(-eps, eps)
-    n = _per_sample_norm(delta, 2)
+    n = per_sample_norm(delta, 2)
     return delta * torch.clamp(eps / (n + 1e-12), max=1.0)
 
 
@@ -34,7 +35,7 @@ def random_start(x: torch.Tensor, eps: float, norm: str, seeds: Sequence[int]) -
         u = per_sample_draw("uniform", x.shape[1:], seeds, "pgd-start", device=x.device, dtype=x.dtype)
         return (2 * u - 1) * eps
     d = per_sample_draw("normal", x.shape[1:], seeds, "pgd-start", device=x.device, dtype=x.dtype)
-    d = d / (_per_sample_norm(d, 2) + 1e-12)
+    d = d / (per_sample_norm(d, 2) + 1e-12)
     r = per_sample_draw("uniform", (1,) * (x.ndim - 1), seeds, "pgd-radius", device=x.device, dtype=x.dtype)
     return d * eps * r.pow(1.0 / x[0].numel())
 
@@ -81,12 +82,12 @@ def projected_gradient(
         (grad,) = torch.autograd.grad(loss.sum(), x_adv)
         check_finite(grad, "attack gradient")
         if momentum is not None:
-            velocity = momentum * velocity + grad / (_per_sample_norm(grad, 1) + 1e-12)
+            velocity = momentum * velocity + grad / (per_sample_norm(grad, 1) + 1e-12)
             grad = velocity
         if norm == "linf":
             step = step_px * grad.sign()
         else:
-            step = step_px * grad / (_per_sample_norm(grad, 2) + 1e-12)
+            step = step_px * grad / (per_sample_norm(grad, 2) + 1e-12)
         delta = project(delta + step, eps_px, norm)
         delta = (x + delta).clamp(0, 1) - x
     return (x + delta).detach()

@@ -1,11 +1,17 @@
 """Attack losses. Built outside the attack and passed in: ``LOSSES.build(name, adapter=..., labels=..., ...)``
-returns ``loss_fn(x) -> [B]`` that the projected-gradient loop maximises. ``targeted=True`` means ``labels`` are
-the attack's targets and the loss rises as predictions move towards them.
+returns ``loss_fn(x) -> [B]`` that the attack maximises. ``targeted=True`` means ``labels`` are the attack's targets
+and the loss rises as predictions move towards them.
+
+:func:`build_loss` wraps the registered loss in a :class:`BoundLoss`: the same callable, plus ``select(idx)`` (the
+loss over a subset of the batch, for attacks that drop samples already fooled) and ``fooled`` (which samples the
+last call found misclassified, from the same forward pass, for the class-logit losses that can tell).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +46,36 @@ def _split(logits: torch.Tensor, labels: torch.Tensor, ignore: int | None):
     return true_score, best_other, best_other_idx, valid
 
 
+class LogitLoss:
+    """A loss on the adapter's logits that also records, from the same forward pass, which samples the current
+    iterate misclassifies (``fooled``; class logits only: for dense logits it stays None). ``fooled_against``: the
+    labels misclassification is judged against (default: ``labels``, or for a targeted loss "predicts the target").
+    """
+
+    def __init__(
+        self,
+        adapter: TaskAdapter,
+        value: Callable[[torch.Tensor], torch.Tensor],
+        labels: torch.Tensor,
+        targeted: bool,
+        fooled_against: torch.Tensor | None = None,
+    ) -> None:
+        self.adapter, self.value, self.labels, self.targeted = adapter, value, labels, targeted
+        self.fooled_against = fooled_against
+        self.fooled: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.adapter.logits(x)
+        if logits.ndim == 2:
+            with torch.no_grad():
+                pred = logits.argmax(1)
+                if self.fooled_against is not None:
+                    self.fooled = pred != self.fooled_against
+                else:
+                    self.fooled = pred == self.labels if self.targeted else pred != self.labels
+        return self.value(logits)
+
+
 @LOSSES.register("ce", tasks=("classification", "segmentation", "instance"))
 def cross_entropy_loss(adapter: TaskAdapter, labels: torch.Tensor, targeted: bool = False) -> LossFn:
     """Cross-entropy (pixel-wise with ``ignore_index`` for segmentation); negated towards a target.
@@ -54,13 +90,12 @@ def cross_entropy_loss(adapter: TaskAdapter, labels: torch.Tensor, targeted: boo
     ignore = _ignore_index(adapter)
     sign = -1.0 if targeted else 1.0
 
-    def loss_fn(x: torch.Tensor) -> torch.Tensor:
-        logits = adapter.logits(x)
+    def value(logits: torch.Tensor) -> torch.Tensor:
         if ignore is not None:
             return sign * pixel_cross_entropy(logits, labels, ignore)
         return sign * F.cross_entropy(logits, labels, reduction="none")
 
-    return loss_fn
+    return LogitLoss(adapter, value, labels, targeted)
 
 
 @LOSSES.register("cw", tasks=("classification", "segmentation"))
@@ -71,12 +106,12 @@ def cw_margin_loss(adapter: TaskAdapter, labels: torch.Tensor, targeted: bool = 
         raise InvalidInputError(f"cw.kappa: expected a finite value >= 0, got {kappa!r}")
     ignore = _ignore_index(adapter)
 
-    def loss_fn(x: torch.Tensor) -> torch.Tensor:
-        true_score, best_other, _, valid = _split(adapter.logits(x), labels, ignore)
+    def value(logits: torch.Tensor) -> torch.Tensor:
+        true_score, best_other, _, valid = _split(logits, labels, ignore)
         margin = (true_score - best_other) if targeted else (best_other - true_score)
         return _reduce(margin.clamp(max=kappa), valid)
 
-    return loss_fn
+    return LogitLoss(adapter, value, labels, targeted)
 
 
 class _Probit(torch.autograd.Function):
@@ -120,8 +155,79 @@ def houdini_loss(adapter: TaskAdapter, labels: torch.Tensor, targeted: bool = Fa
     return loss_fn
 
 
-def build_loss(name: str, adapter: TaskAdapter, labels: torch.Tensor, targeted: bool = False, **params) -> LossFn:
+@LOSSES.register("dlr", tasks=("classification", "segmentation"))
+def dlr_loss(
+    adapter: TaskAdapter, labels: torch.Tensor, targeted: bool = False, true_labels: torch.Tensor | None = None
+) -> LossFn:
+    """Difference of Logits Ratio (Croce & Hein 2020): shift- and scale-invariant in the logits, so a defense that
+    rescales them (or saturates the softmax) cannot hide the gradient the way it can from cross-entropy.
+
+    Untargeted (``labels`` = ground truth): ``-(z_y - max_{j!=y} z_j) / (z_pi1 - z_pi3)``, pi the logits sorted in
+    decreasing order (needs >= 3 classes). Targeted (APGD-T; ``labels`` = targets, ``true_labels`` = ground truth,
+    required): ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)`` (needs >= 4 classes). For segmentation both are
+    per pixel, averaged over labelled pixels.
+    """
+    if targeted and true_labels is None:
+        raise InvalidInputError("attack loss 'dlr': the targeted DLR loss needs true_labels (the ground truth)")
+    ignore = _ignore_index(adapter)
+    truth = true_labels if targeted else labels
+    need = 4 if targeted else 3
+
+    def value(logits: torch.Tensor) -> torch.Tensor:
+        if logits.shape[1] < need:
+            kind = "targeted DLR" if targeted else "DLR"
+            raise InvalidInputError(
+                f"attack loss 'dlr': the {kind} loss needs >= {need} classes, got {logits.shape[1]}"
+            )
+        valid = truth != ignore if ignore is not None else None
+        y = truth.masked_fill(~valid, 0) if valid is not None else truth
+        ranked = logits.sort(dim=1, descending=True).values
+        z_y = logits.gather(1, y.unsqueeze(1)).squeeze(1)
+        if targeted:
+            t = labels.masked_fill(~valid, 0) if valid is not None else labels
+            z_t = logits.gather(1, t.unsqueeze(1)).squeeze(1)
+            per = -(z_y - z_t) / (ranked[:, 0] - 0.5 * (ranked[:, 2] + ranked[:, 3]) + 1e-12)
+        else:
+            top_is_y = (logits.argmax(1) == y).to(logits.dtype)
+            best_other = ranked[:, 1] * top_is_y + ranked[:, 0] * (1 - top_is_y)
+            per = -(z_y - best_other) / (ranked[:, 0] - ranked[:, 2] + 1e-12)
+        return _reduce(per, valid)
+
+    return LogitLoss(adapter, value, labels, targeted, fooled_against=true_labels if targeted else None)
+
+
+def take(labels: Any, idx: torch.Tensor) -> Any:
+    """The labels of the samples at positions ``idx`` (a label tensor, or a list of instance target dicts)."""
+    if isinstance(labels, torch.Tensor):
+        return labels[idx.to(labels.device)]
+    return [labels[i] for i in idx.tolist()]
+
+
+class BoundLoss:
+    """A registered loss bound to its adapter and labels. ``select(idx)`` rebuilds it over a subset of the batch;
+    ``fooled`` is what the built loss recorded on its last call (None if it cannot tell)."""
+
+    def __init__(self, name: str, adapter: TaskAdapter, labels: Any, targeted: bool, params: dict[str, Any]) -> None:
+        self.name, self.adapter, self.labels, self.targeted, self.params = name, adapter, labels, targeted, params
+        self._loss = LOSSES.build(name, adapter=adapter, labels=labels, targeted=targeted, **params)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._loss(x)
+
+    @property
+    def fooled(self) -> torch.Tensor | None:
+        return getattr(self._loss, "fooled", None)
+
+    def select(self, idx: torch.Tensor) -> BoundLoss:
+        params = {
+            k: take(v, idx) if isinstance(v, torch.Tensor | Sequence) and k.endswith("labels") else v
+            for k, v in self.params.items()
+        }
+        return BoundLoss(self.name, self.adapter, take(self.labels, idx), self.targeted, params)
+
+
+def build_loss(name: str, adapter: TaskAdapter, labels: Any, targeted: bool = False, **params) -> BoundLoss:
     tasks = LOSSES.meta(name).get("tasks", ())
     if tasks and adapter.task not in tasks:
         raise InvalidInputError(f"attack loss {name!r} is not defined for task {adapter.task!r} (only {list(tasks)})")
-    return LOSSES.build(name, adapter=adapter, labels=labels, targeted=targeted, **params)
+    return BoundLoss(name, adapter, labels, targeted, params)

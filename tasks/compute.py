@@ -21,6 +21,7 @@ from equicore.attacks import build_attack, make_targets, run_attack
 from equicore.defenses import build_defense
 from equicore.equivariance import consistency_score, sample_view_params
 from equicore.metrics import build_metric, merge_all, per_image_iou, state_from_dict
+from equicore.metrics.functional import confusion_matrix
 from equicore.seeding import derive_seed, sample_seeds
 from equicore.transforms import build_views
 from equicore.validation import check_images
@@ -29,6 +30,7 @@ from storage.cache import AdversarialCache
 from storage.errors import CacheCorruptError
 from storage.examples import write_examples
 from storage.keys import canonical_json, content_key
+from tasks import verdicts as V
 from tasks.config import CLEAN, TASK_METRICS, AttackConfig, DefenseConfig, RunConfig
 from tasks.examples import ExampleMaker, example_slots
 from tasks.faults import maybe_fail
@@ -96,9 +98,27 @@ def preflight_defenses(rt: Runtime) -> None:
             prepare(rt.adapter)
 
 
+def eval_draws(rt: Runtime, attack: AttackConfig, defense: DefenseConfig) -> int:
+    """How many independent draws of the defense's randomness each image is scored under."""
+    return defense.resolved_eval_draws(bool(resolved_defense(rt, attack, defense).randomized))
+
+
 def defense_key(rt: Runtime, attack: AttackConfig, defense: DefenseConfig) -> str:
     ident = {"defense": resolved_defense(rt, attack, defense).params(), "measure": rt.cfg.measure.model_dump()}
+    draws = eval_draws(rt, attack, defense)
+    if draws > 1:  # one draw keeps the key it had before draws existed
+        ident["eval_draws"] = draws
     return content_key(ident, code_version())
+
+
+def draw_seeds(seeds: list[int], draw: int) -> list[int]:
+    """Seeds of evaluation draw ``draw``: draw 0 is the defense's own stream; the others derive from it, and none
+    shares a purpose with an attacker's EOT draws (``bpda`` streams hang off the attack's seeds)."""
+    return seeds if draw == 0 else [derive_seed(s, "eval-draw", draw) for s in seeds]
+
+
+def draw_state_name(name: str, draw: int) -> str:
+    return name if draw == 0 else f"{name}#draw{draw}"
 
 
 def unit_key(attack_k: str, defense_k: str | None = None) -> str:
@@ -219,6 +239,15 @@ def _equivariance(rt: Runtime, x: torch.Tensor) -> torch.Tensor:
         return consistency_score(rt.adapter.features, x, views, params).double().cpu()
 
 
+def _segmentation_counts(preds: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore: int | None) -> list:
+    """Per image: true-positive, predicted and ground-truth pixel counts per class (what a dataset mIoU needs)."""
+    out = []
+    for p, t in zip(preds, labels, strict=True):
+        cm = confusion_matrix(p, t, num_classes, ignore)
+        out.append([cm.diag().tolist(), cm.sum(0).tolist(), cm.sum(1).tolist()])
+    return out
+
+
 def defend_shard(
     rt: Runtime, cache: AdversarialCache, attack: AttackConfig, defense: DefenseConfig, shard: int, run_id: str
 ) -> dict[str, Any]:
@@ -234,54 +263,75 @@ def defend_shard(
     # Seeded from what the defense is, not from its storage key: the key carries the code version, and a refactor
     # must not redraw a randomised defense's noise (attacks are seeded the same way).
     seeds = seeds_for(rt, data.ids, "defense:" + canonical_json(spec.params()))
+    draws = eval_draws(rt, attack, defense)
     names = metric_names(rt, attack)
-    states = {n: _new_state(rt, n) for n in names}
+    states = {(n, r): _new_state(rt, n) for r in range(draws) for n in names}
     equi_before, equi_after = build_metric("equivariance_score"), build_metric("equivariance_score")
     attack_spec = build_attack(attack.name, **attack.params()) if attack.name != CLEAN else None
     rows: list[dict[str, Any]] = []
     slots = example_slots(shard, rt.cfg.shard_size, rt.cfg.report.examples, len(data.ids))
-    restored: list[torch.Tensor] = []  # defended images, kept only when this shard holds examples
+    restored: list[torch.Tensor] = []  # defended images (draw 0), kept only when this shard holds examples
     for sl in _batches(len(data.ids), rt.cfg.batch_size):
         x, y = x_in[sl], data.labels[sl]
-        x_def = spec.purify(rt.adapter, x, seeds[sl])
+        targets = None
+        if attack_spec is not None and attack_spec.targeted and attack_spec.target != "top":
+            targets = make_targets(rt.adapter, data.images[sl], y, attack_spec.target).cpu()
+        per_draw = []  # (x_def, batch) per draw
+        for r in range(draws):
+            x_def = spec.purify(rt.adapter, x, draw_seeds(seeds[sl], r))
+            with torch.no_grad():
+                preds = rt.adapter.predict(x_def)
+            batch: dict[str, Any] = {"preds": _to_cpu(preds), "labels": _to_cpu(y)}
+            if targets is not None:
+                batch["attack_targets"] = targets
+            for n in names:
+                states[(n, r)].update(batch)
+            per_draw.append((x_def, batch))
+        x_def, batch = per_draw[0]
         if slots:
             restored.append(x_def.detach())
-        with torch.no_grad():
-            preds = rt.adapter.predict(x_def)
-        batch: dict[str, Any] = {"preds": _to_cpu(preds), "labels": _to_cpu(y)}
-        if attack_spec is not None and attack_spec.targeted and attack_spec.target != "top":
-            batch["attack_targets"] = make_targets(rt.adapter, data.images[sl], y, attack_spec.target).cpu()
-        for st in states.values():
-            st.update(batch)
-        before = after = [math.nan] * len(preds)
+        n_batch = len(batch["preds"])
+        before = after = [math.nan] * n_batch
         if rt.cfg.measure.enabled:
             b, a = _equivariance(rt, x), _equivariance(rt, x_def)
             equi_before.update({"scores": b})
             equi_after.update({"scores": a})
             before, after = b.tolist(), a.tolist()
         linf = (x_def - x).flatten(1).abs().amax(1).mul(255).tolist()
-        per_image = (
-            per_image_iou(batch["preds"], batch["labels"], rt.dataset.num_classes, rt.dataset.ignore_index)
-            if rt.task == "segmentation"
-            else [math.nan] * len(preds)
-        )
+        correct_draws = [[math.nan] * n_batch for _ in range(draws)]
+        iou_draws = [[math.nan] * n_batch for _ in range(draws)]
+        counts_draws: list[list] = [[None] * n_batch for _ in range(draws)]
+        for r, (_, bt) in enumerate(per_draw):
+            if rt.task == "classification":
+                correct_draws[r] = [
+                    float(p == t) for p, t in zip(bt["preds"].tolist(), bt["labels"].tolist(), strict=True)
+                ]
+            elif rt.task == "segmentation":
+                ignore = rt.dataset.ignore_index
+                iou_draws[r] = per_image_iou(bt["preds"], bt["labels"], rt.dataset.num_classes, ignore)
+                counts_draws[r] = _segmentation_counts(bt["preds"], bt["labels"], rt.dataset.num_classes, ignore)
         for j, sid in enumerate(data.ids[sl]):
             label, pred = _summary(rt.task, batch["labels"][j]), _summary(rt.task, batch["preds"][j])
-            rows.append(
-                {
-                    "sample_id": sid,
-                    "attack": attack.name,
-                    "defense": defense.name,
-                    "label": label,
-                    "pred": pred,
-                    "correct": float(pred == label) if rt.task == "classification" else math.nan,
-                    "image_miou": float(per_image[j]),
-                    "equivariance_before": float(before[j]),
-                    "equivariance_after": float(after[j]),
-                    "purify_linf_255": float(linf[j]),
-                }
-            )
-    state = {n: st.to_dict() for n, st in states.items()}
+            row = {
+                "sample_id": sid,
+                "attack": attack.name,
+                "defense": defense.name,
+                "label": label,
+                "pred": pred,
+                "correct": float(pred == label) if rt.task == "classification" else math.nan,
+                "image_miou": float(iou_draws[0][j]),
+                "equivariance_before": float(before[j]),
+                "equivariance_after": float(after[j]),
+                "purify_linf_255": float(linf[j]),
+                # One entry per evaluation draw (draw 0 is the columns above): what the reduce step builds the
+                # mean over draws, the all-draws worst, the per-image worst over attacks and the intervals from.
+                "draw_correct": [float(c[j]) for c in correct_draws],
+                "draw_image_miou": [float(c[j]) for c in iou_draws],
+            }
+            if rt.task == "segmentation":
+                row["draw_class_counts"] = [c[j] for c in counts_draws]
+            rows.append(row)
+    state = {draw_state_name(n, r): st.to_dict() for (n, r), st in states.items()}
     if rt.cfg.measure.enabled:
         state["equivariance_before"] = equi_before.to_dict()
         state["equivariance_after"] = equi_after.to_dict()
@@ -293,6 +343,7 @@ def defend_shard(
         "attack": attack.name,
         "defense": defense.name,
         "n": len(data.ids),
+        "eval_draws": draws,
         "seconds": seconds,
     }
     if slots:  # before the sample file: that file marks the shard done
@@ -335,58 +386,153 @@ def units(cfg: RunConfig) -> list[tuple[int, int]]:
     return [(ai, di) for ai in range(len(cfg.attacks)) for di in range(len(cfg.defenses))]
 
 
+def _unit_rows(rt, run_id, ai, di, n_shards, provenance) -> tuple[list[dict[str, Any]], int]:
+    """The results rows of one (attack, defense) unit from its shards' merged metric states (mean over evaluation
+    draws, with the between-draw spread), and how many shards were done."""
+    cfg = rt.cfg
+    attack, defense = cfg.attacks[ai], cfg.defenses[di]
+    a_key, d_key = attack_key(rt, attack, defense), defense_key(rt, attack, defense)
+    states: dict[str, list] = {}
+    seconds, done = 0.0, 0
+    for shard in range(n_shards):
+        if not R.shard_done(cfg.results_dir, run_id, a_key, d_key, shard):
+            continue
+        path = R.shard_path(cfg.results_dir, run_id, a_key, d_key, shard)
+        _, state = R.read_shard(path)
+        seconds += float(R.read_shard_unit(path).get("seconds", 0.0))
+        done += 1
+        for name, st in state.items():
+            states.setdefault(name, []).append(state_from_dict(st))
+    if not done:
+        return [], 0
+    by_base: dict[str, list] = {}
+    for name in states:  # draw 0 first: "miou", then "miou#draw1", ...
+        by_base.setdefault(name.split("#draw")[0], []).append(merge_all(states[name]))
+    defense_params = {**resolved_defense(rt, attack, defense).params(), "eval_draws": eval_draws(rt, attack, defense)}
+    rows = []
+    for name, merged_draws in by_base.items():
+        computed = [m.compute() for m in merged_draws]
+        for metric in computed[0]:
+            values = [float(c[metric]) for c in computed]
+            label = metric.replace("equivariance_score", name) if name.startswith("equivariance") else metric
+            rows.append(
+                {
+                    **provenance,
+                    "run_id": run_id,
+                    "dataset": cfg.dataset.name,
+                    "model": cfg.model.name,
+                    "attack": attack.name,
+                    "attack_params": attack.params(),
+                    "defense": defense.name,
+                    "defense_params": defense_params,
+                    "metric": label,
+                    "value": float(np.mean(values)),
+                    "n_samples": merged_draws[0].n_samples,
+                    "n_draws": len(values),
+                    "draw_std": float(np.std(values)) if len(values) > 1 else 0.0,
+                    "wall_time_s": seconds,
+                    "shards_done": done,
+                    "shards_total": n_shards,
+                    "attack_key": a_key,
+                    "defense_key": d_key,
+                    "attack_index": ai,
+                    "defense_index": di,
+                }
+            )
+    return rows, done
+
+
 def reduce_run(rt: Runtime, run_id: str, provenance: dict[str, Any]) -> list[dict[str, Any]]:
-    """Merge every completed shard's states per (attack, defense) into the long results table (replacing it)."""
+    """Merge every completed shard's states per (attack, defense) into the long results table (replacing it), then
+    add the verdicts of :mod:`tasks.verdicts` (intervals, all-draws and per-image worst rows, paired deltas)."""
     cfg = rt.cfg
     n_shards = len(plan_shards(rt.indices, cfg.shard_size))
     rows: list[dict[str, Any]] = []
+    samples: dict[tuple[int, int], V.UnitSamples] = {}
+    complete: set[tuple[int, int]] = set()
     for ai, di in units(cfg):
         maybe_fail("reduce", ai * len(cfg.defenses) + di)
-        attack, defense = cfg.attacks[ai], cfg.defenses[di]
-        a_key, d_key = attack_key(rt, attack, defense), defense_key(rt, attack, defense)
-        states: dict[str, list] = {}
-        seconds, done = 0.0, 0
-        for shard in range(n_shards):
-            path = R.shard_path(cfg.results_dir, run_id, a_key, d_key, shard)
-            if not R.shard_done(cfg.results_dir, run_id, a_key, d_key, shard):
-                continue
-            table, state = R.read_shard(path)
-            unit = R.read_shard_unit(path)
-            seconds += float(unit.get("seconds", 0.0))
-            done += 1
-            for name, s in state.items():
-                states.setdefault(name, []).append(state_from_dict(s))
-        if not done:
+        unit_rows, done = _unit_rows(rt, run_id, ai, di, n_shards, provenance)
+        if not unit_rows:
             continue
-        defense_params = resolved_defense(rt, attack, defense).params()
-        for name, shard_states in states.items():
-            merged = merge_all(shard_states)
-            for metric, value in merged.compute().items():
-                metric = metric.replace("equivariance_score", name) if name.startswith("equivariance") else metric
-                rows.append(
-                    {
-                        **provenance,
-                        "run_id": run_id,
-                        "dataset": cfg.dataset.name,
-                        "model": cfg.model.name,
-                        "attack": attack.name,
-                        "attack_params": attack.params(),
-                        "defense": defense.name,
-                        "defense_params": defense_params,
-                        "metric": metric,
-                        "value": float(value),
-                        "n_samples": merged.n_samples,
-                        "wall_time_s": seconds,
-                        "shards_done": done,
-                        "shards_total": n_shards,
-                        "attack_key": a_key,
-                        "defense_key": d_key,
-                    }
-                )
+        rows += unit_rows
+        a_key, d_key = unit_rows[0]["attack_key"], unit_rows[0]["defense_key"]
+        loaded = V.load_unit_samples(cfg.results_dir, run_id, a_key, d_key, n_shards, rt.task)
+        if loaded is not None:
+            samples[(ai, di)] = loaded
+        if done == n_shards:
+            complete.add((ai, di))
     rows += sweep_worst_rows(cfg, rows)
+    rows += all_draws_rows(rt, rows, samples)
+    rows += per_image_worst_rows(rt, rows, samples, complete)
+    add_verdicts(rt, rows, samples)
     annotate_gradient_masking(rt, rows)
     R.write_results_table(cfg.results_dir, run_id, rows)
     return rows
+
+
+def all_draws_rows(rt: Runtime, rows: list[dict[str, Any]], samples) -> list[dict[str, Any]]:
+    """``<metric>_all_draws`` for units scored under several draws: an image counts only under its worst draw."""
+    main = TASK_METRICS[rt.task]
+    out = []
+    for r in rows:
+        if r["metric"] != main or r.get("n_draws", 1) < 2 or (r["attack_index"], r["defense_index"]) not in samples:
+            continue
+        s = samples[(r["attack_index"], r["defense_index"])]
+        metric = f"{main}_all_draws"
+        value = V.point_value(metric, s)
+        if not math.isnan(value):
+            out.append({**r, "metric": metric, "value": value, "draw_std": 0.0})
+    return out
+
+
+def per_image_worst_rows(rt: Runtime, rows: list[dict[str, Any]], samples, complete) -> list[dict[str, Any]]:
+    """Attack ``worst`` per defense entry when the run asks for it: built per image from the cached per-attack
+    outputs (see :func:`tasks.verdicts.per_image_worst`), only when every attack of that defense is complete."""
+    cfg = rt.cfg
+    if not cfg.worst_case or rt.task not in ("classification", "segmentation"):
+        return []
+    main = TASK_METRICS[rt.task]
+    out = []
+    for di in range(len(cfg.defenses)):
+        cells = [(ai, di) for ai in range(len(cfg.attacks))]
+        if not all(c in complete and c in samples for c in cells):
+            continue
+        worst = V.per_image_worst([samples[c] for c in cells])
+        if worst is None:
+            continue
+        samples[(-1, di)] = worst
+        template = next(r for r in rows if r["defense_index"] == di and r["metric"] == main)
+        out.append(
+            {
+                **template,
+                "attack": V.WORST,
+                "attack_params": {"over": [a.name for a in cfg.attacks], "per": "image"},
+                "metric": main,
+                "value": V.point_value(main, worst),
+                "n_draws": 1,
+                "draw_std": 0.0,
+                "wall_time_s": sum(r["wall_time_s"] for r in rows if r["defense_index"] == di and r["metric"] == main),
+                "attack_key": "worst:" + "+".join(sorted({r["attack_key"] for r in rows if r["defense_index"] == di})),
+                "attack_index": -1,
+            }
+        )
+    return out
+
+
+def add_verdicts(rt: Runtime, rows: list[dict[str, Any]], samples) -> None:
+    """Intervals on every main cell and paired deltas to the run's first vanilla entry, in place."""
+    cfg = rt.cfg
+    vanilla = next((i for i, d in enumerate(cfg.defenses) if d.name == "vanilla"), None)
+    for r in rows:
+        s = samples.get((r["attack_index"], r["defense_index"])) if r["attack"].find(":") < 0 else None
+        iv = V.interval(r["metric"], s, cfg.seed) if s is not None else None
+        V.add_interval_columns(r, iv)
+        delta = None
+        if s is not None and vanilla is not None and r["defense_index"] != vanilla:
+            base = samples.get((r["attack_index"], vanilla))
+            delta = V.delta_interval(r["metric"], base, s, cfg.seed) if base is not None else None
+        V.add_delta_columns(r, delta)
 
 
 # Which way is worse for the defender: the attack's worst case over a sweep takes the min (or the max).
@@ -464,6 +610,15 @@ def masking_flags(rt: Runtime) -> list[dict[str, Any]]:
 def annotate_gradient_masking(rt: Runtime, rows: list[dict[str, Any]]) -> None:
     """AutoAttack-style flags on every row (see :func:`masking_flags`), matched to its defense entry by key."""
     flags = masking_flags(rt)
+    square = {
+        ai
+        for ai, a in enumerate(rt.cfg.attacks)
+        if a.name != CLEAN and build_attack(a.name, **a.params()).gradient_free
+    }
+    suspected = V.square_masking(rows, square, TASK_METRICS[rt.task])
+    for di, text in suspected.items():
+        warning = flags[di]["masking_warning"]
+        flags[di] = {**flags[di], "masking_warning": f"{warning}; {text}" if warning else text}
     entry_of = {defense_key(rt, a, d): di for a in rt.cfg.attacks for di, d in enumerate(rt.cfg.defenses)}
     aware = {a.name for a in rt.cfg.attacks if a.defense_aware}
     for r in rows:

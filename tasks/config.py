@@ -21,6 +21,7 @@ from equicore.registry import ATTACKS, DATASETS, DEFENSES, LOSSES, MODELS
 
 CLEAN = "clean"  # the pseudo-attack that leaves images unchanged (the "Clean" row of the paper's tables)
 TASK_METRICS = {"classification": "accuracy", "segmentation": "miou", "instance": "mask_ap"}
+DEFAULT_EVAL_DRAWS = 4  # draws of a randomised defense each image is scored under (eval_draws)
 
 
 class ConfigError(EquirobustError, ValueError):
@@ -108,6 +109,19 @@ class AttackConfig(_Strict):
 class DefenseConfig(_Strict):
     model_config = ConfigDict(extra="allow", frozen=True)
     name: str
+    eval_draws: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="score each image under this many independent draws of a randomised defense (default: "
+        f"{DEFAULT_EVAL_DRAWS} for randomised defenses, 1 otherwise); reported as the mean over draws and the "
+        "all-draws worst",
+    )
+
+    def resolved_eval_draws(self, randomized: bool) -> int:
+        if self.eval_draws is not None:
+            return self.eval_draws if randomized else 1
+        return DEFAULT_EVAL_DRAWS if randomized else 1
 
     @model_validator(mode="after")
     def _build(self) -> DefenseConfig:
@@ -190,6 +204,73 @@ def expand_sweeps(data: Any) -> Any:
     return {**data, "attacks": attacks}
 
 
+SUITES = ("standard",)
+
+
+def standard_suite(task: str | None, eps: float, norm: str, adaptive: bool) -> list[dict[str, Any]]:
+    """AutoAttack's 'standard' version, per task, as attack entries (run with ``worst_case``):
+
+    - classification: APGD-CE, APGD-T (targeted DLR over the top-9 classes), Square (5000 queries);
+    - segmentation: APGD on each of SEA's per-pixel losses (masked CE, balanced masked CE, JS divergence; SEA keeps
+      each image's worst);
+    - instance segmentation: APGD on the model's own losses;
+    plus, when a defense optimises at test time or is randomised (AutoAttack's 'rand' version), BPDA with EOT and the
+    defense-aware attack AA, both on APGD.
+    """
+    base = {"eps": eps, "norm": norm}
+    if task == "segmentation":
+        attacks = [{"name": "apgd", "loss": loss, **base} for loss in ("masked_ce", "masked_ce_balanced", "js")]
+    elif task == "instance":
+        attacks = [{"name": "apgd", **base}]
+    else:
+        attacks = [{"name": "apgd", **base}, {"name": "apgd_t", **base}]
+        if norm in ("linf", "l2"):
+            attacks.append({"name": "square", **base})
+    if adaptive:
+        loss = {"loss": "masked_ce"} if task == "segmentation" else {}
+        attacks += [{"name": "bpda", **loss, **base}, {"name": "aa", **loss, **base}]
+    return [{"name": CLEAN}, *attacks]
+
+
+class SuiteConfig(_Strict):
+    name: Literal["standard"]
+    eps: float = Field(gt=0, le=255, description="budget in /255 units")
+    norm: Literal["linf", "l2"] = "linf"
+
+
+def expand_suite(data: Any) -> Any:
+    """``suite: {name: standard, eps: 8}`` -> its attack entries ahead of any listed ``attacks``, and
+    ``worst_case: true`` unless set."""
+    if not isinstance(data, dict) or data.get("suite") is None:
+        return data
+    try:
+        suite = SuiteConfig.model_validate(data["suite"])
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, "suite")) from None
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    name = model.get("name")
+    task = MODELS.meta(name).get("task") if isinstance(name, str) and name in MODELS else None
+    adaptive = False
+    for d in data.get("defenses") or []:
+        if isinstance(d, dict) and isinstance(d.get("name"), str) and d["name"] in DEFENSES:
+            params = {k: v for k, v in d.items() if k not in ("name", "eval_draws")}
+            try:
+                spec = DEFENSES.build(d["name"], **params)
+            except EquirobustError:
+                continue  # reported with its field when the defenses are validated
+            adaptive |= bool(spec.optimizes_at_test_time or spec.randomized)
+    listed = data.get("attacks") or []
+    if not isinstance(listed, list):
+        return data
+    expanded = standard_suite(task, suite.eps, suite.norm, adaptive)
+    return {
+        **{k: v for k, v in data.items() if k != "suite"},
+        "attacks": expanded + listed,
+        "worst_case": data.get("worst_case", True),
+        "suite_used": suite.model_dump(),
+    }
+
+
 class RunConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     dataset: DatasetConfig
@@ -210,11 +291,18 @@ class RunConfig(_Strict):
     retry_delay_s: list[float] = Field(default_factory=lambda: [2.0, 10.0])
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    worst_case: bool = Field(
+        default=False,
+        description="add, per defense, the per-image worst case over every attack of the run (attack 'worst'); "
+        "built from the cached per-attack outputs, so it never changes a number of its own",
+    )
+
+    suite_used: dict[str, Any] | None = Field(default=None, description="the suite the attacks were expanded from")
 
     @model_validator(mode="before")
     @classmethod
     def _expand_sweeps(cls, data: Any) -> Any:
-        return expand_sweeps(data)
+        return expand_sweeps(expand_suite(data))
 
     @model_validator(mode="after")
     def _attacks_fit_task(self) -> RunConfig:
@@ -264,8 +352,12 @@ class RunConfig(_Strict):
         """What determines the numbers: excludes where and how it runs (cluster, retries, directories) and how it is
         reported (``report``: the recorded examples are extra output, not numbers)."""
         d = self.model_dump(mode="json")
-        for k in ("cluster", "retries", "retry_delay_s", "cache_dir", "results_dir", "device", "report"):
+        for k in ("cluster", "retries", "retry_delay_s", "cache_dir", "results_dir", "device", "report", "worst_case"):
             d.pop(k, None)
+        d.pop("suite_used", None)  # the expanded attacks are what determines the numbers
+        for defense in d["defenses"]:  # unset: the identity of configs written before eval_draws existed
+            if defense.get("eval_draws") is None:
+                defense.pop("eval_draws", None)
         return d
 
     def config_hash(self) -> str:

@@ -1,0 +1,182 @@
+"""Verdicts built from the per-sample rows of finished shards (no attack is re-run for any of them):
+
+* a 95% bootstrap interval over images for every main cell (``ci_low``/``ci_high``);
+* the mean over a randomised defense's evaluation draws, and its all-draws worst (``<metric>_all_draws``: an image
+  counts only if it is correct under every draw);
+* the per-image worst case over the run's attacks (attack ``worst``): AutoAttack's robust flags for classification
+  (robust only if correct under every attack, including clean, and every draw), SEA's per-image worst for
+  segmentation (each image keeps the attack and draw with its lowest image mIoU; the dataset mIoU is rebuilt from
+  those images' pixel counts);
+* the paired difference to vanilla on the same images (``delta``, ``delta_ci_low``, ``delta_ci_high``);
+* the Square check: a defense on which the score-based Square attack does better than every gradient attack has
+  gradients that mislead, and is flagged ``gradient masking suspected``.
+
+Images are put in canonical order (sorted by sample id) before resampling, so any sharding gives the same
+intervals. Instance segmentation cells have no interval yet (mask AP would need COCOeval per resample).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from equicore.metrics.bootstrap import (
+    Interval,
+    accuracy_stat,
+    bootstrap_interval,
+    canonical_order,
+    mean_stat,
+    miou_stat,
+    paired_delta_interval,
+    weighted_stat,
+)
+from storage import results as R
+
+N_RESAMPLES = 1000
+LEVEL = 0.95
+WORST = "worst"  # attack name of the per-image worst-case rows
+SQUARE_MASKING = (
+    "gradient masking suspected: the score-based Square attack found more adversarial examples than every gradient "
+    "attack"
+)
+
+
+@dataclass
+class UnitSamples:
+    """One (attack, defense) unit's per-image data in canonical order; ``[n, draws]`` arrays."""
+
+    ids: np.ndarray
+    correct: np.ndarray | None  # classification: 1.0 where the draw's prediction is right
+    image_miou: np.ndarray | None  # segmentation
+    counts: np.ndarray | None  # segmentation: [n, draws, 3, C] true-positive, predicted, ground-truth pixels
+
+
+def load_unit_samples(results_dir: str, run_id: str, a_key: str, d_key: str, n_shards: int, task: str):
+    """The unit's per-image data from its finished shards (None if it has none)."""
+    tables = []
+    for shard in range(n_shards):
+        if R.shard_done(results_dir, run_id, a_key, d_key, shard):
+            tables.append(R.read_shard(R.shard_path(results_dir, run_id, a_key, d_key, shard))[0].to_pylist())
+    rows = [r for t in tables for r in t]
+    if not rows:
+        return None
+    order = canonical_order([r["sample_id"] for r in rows])
+    rows = [rows[i] for i in order]
+    ids = np.array([r["sample_id"] for r in rows])
+
+    def per_draw(column: str, single: str) -> np.ndarray:
+        # Shards written before evaluation draws existed hold one draw, in the single-value column.
+        return np.array([r.get(column) or [r[single]] for r in rows], dtype=float)
+
+    if task == "classification":
+        return UnitSamples(ids, per_draw("draw_correct", "correct"), None, None)
+    if task == "segmentation" and rows[0].get("draw_class_counts"):
+        counts = np.array([r["draw_class_counts"] for r in rows], dtype=float)
+        return UnitSamples(ids, None, per_draw("draw_image_miou", "image_miou"), counts)
+    return UnitSamples(ids, None, None, None)
+
+
+@weighted_stat
+def miou_over_draws(counts: np.ndarray, *, weights: np.ndarray | None = None):
+    """Mean over evaluation draws of the dataset mIoU; ``counts`` is ``[n, draws, 3, C]``."""
+    values = [
+        miou_stat(counts[:, r, 0], counts[:, r, 1], counts[:, r, 2], weights=weights) for r in range(counts.shape[1])
+    ]
+    return (
+        np.mean(np.stack([np.asarray(v, dtype=float) for v in values]), axis=0)
+        if weights is not None
+        else float(np.mean(values))
+    )
+
+
+def worst_draw_counts(s: UnitSamples) -> np.ndarray:
+    """Per image, the pixel counts of its worst draw (lowest image mIoU) as a one-draw ``[n, 1, 3, C]`` array."""
+    assert s.counts is not None and s.image_miou is not None
+    pick = np.nanargmin(np.where(np.isnan(s.image_miou), np.inf, s.image_miou), axis=1)
+    return s.counts[np.arange(len(pick)), pick][:, None]
+
+
+def statistic(metric: str, s: UnitSamples) -> tuple[Any, tuple[np.ndarray, ...]] | None:
+    """(stat, data) whose bootstrap gives the cell's interval, or None where the metric has none."""
+    if metric == "accuracy" and s.correct is not None:
+        return mean_stat, (s.correct.mean(axis=1),)
+    if metric == "accuracy_all_draws" and s.correct is not None:
+        return accuracy_stat, (s.correct.min(axis=1),)
+    if metric == "miou" and s.counts is not None:
+        return miou_over_draws, (s.counts,)
+    if metric == "miou_all_draws" and s.counts is not None:
+        return miou_over_draws, (worst_draw_counts(s),)
+    return None
+
+
+def interval(metric: str, s: UnitSamples, seed: int) -> Interval | None:
+    found = statistic(metric, s)
+    if found is None:
+        return None
+    stat, data = found
+    return bootstrap_interval(stat, data, n_resamples=N_RESAMPLES, level=LEVEL, seed=seed)
+
+
+def delta_interval(metric: str, vanilla: UnitSamples, other: UnitSamples, seed: int) -> Interval | None:
+    """Paired: the same resampled images for both (they must be the same images)."""
+    if not np.array_equal(vanilla.ids, other.ids):
+        return None
+    a, b = statistic(metric, vanilla), statistic(metric, other)
+    if a is None or b is None or a[0] is not b[0]:
+        return None
+    # Paired resampling needs one stat over aligned data of the same form.
+    return paired_delta_interval(a[0], a[1], b[1], n_resamples=N_RESAMPLES, level=LEVEL, seed=seed)
+
+
+def per_image_worst(units: Sequence[UnitSamples]) -> UnitSamples | None:
+    """The per-image worst over attacks (and evaluation draws), as one-draw samples of the same images."""
+    if not units or any(not np.array_equal(u.ids, units[0].ids) for u in units):
+        return None
+    first = units[0]
+    if first.correct is not None:
+        robust = np.stack([u.correct.min(axis=1) for u in units]).min(axis=0)  # type: ignore[union-attr]
+        return UnitSamples(first.ids, robust[:, None], None, None)
+    if first.counts is not None:
+        miou = np.concatenate([u.image_miou for u in units], axis=1)  # type: ignore[arg-type]
+        counts = np.concatenate([u.counts for u in units], axis=1)  # type: ignore[arg-type]
+        pick = np.argmin(np.where(np.isnan(miou), np.inf, miou), axis=1)
+        rows = np.arange(len(pick))
+        return UnitSamples(first.ids, None, miou[rows, pick][:, None], counts[rows, pick][:, None])
+    return None
+
+
+def point_value(metric: str, s: UnitSamples) -> float:
+    found = statistic(metric, s)
+    return float(found[0](*found[1])) if found is not None else math.nan
+
+
+def add_interval_columns(row: dict[str, Any], iv: Interval | None) -> None:
+    row["ci_low"] = iv.low if iv is not None else None
+    row["ci_high"] = iv.high if iv is not None else None
+    row["ci_level"] = LEVEL if iv is not None else None
+
+
+def add_delta_columns(row: dict[str, Any], iv: Interval | None) -> None:
+    row["delta"] = iv.value if iv is not None else None
+    row["delta_ci_low"] = iv.low if iv is not None else None
+    row["delta_ci_high"] = iv.high if iv is not None else None
+
+
+def square_masking(rows: Sequence[Mapping[str, Any]], square_attacks: set[int], metric: str) -> dict[int, str]:
+    """defense index -> the Square warning, where a Square attack's value is below every gradient attack's on that
+    defense entry (the comparison of AutoAttack's ``checks``). Rows carry ``attack_index``/``defense_index``."""
+    out: dict[int, str] = {}
+    by_defense: dict[int, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        if r["metric"] == metric and r["attack"] not in ("clean", WORST) and r.get("attack_index", -1) >= 0:
+            by_defense.setdefault(int(r["defense_index"]), []).append(r)
+    for di, cell in by_defense.items():
+        square = [r["value"] for r in cell if r["attack_index"] in square_attacks]
+        gradient = [r["value"] for r in cell if r["attack_index"] not in square_attacks]
+        if square and gradient and min(square) < min(gradient):
+            out[di] = SQUARE_MASKING
+    return out

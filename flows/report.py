@@ -174,24 +174,80 @@ def label_rows(rows: Sequence[Mapping[str, Any]], index: RunIndex | None = None)
     return out
 
 
+WIDE_HALF_WIDTH = 0.05  # a 95% interval wider than +-5 points is marked: differences that small are not resolved
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def _fmt(value: float, metric: str, partial: bool) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if _missing(value):
         return "-"
-    shown = f"{100 * value:.2f}" if metric in MAIN_METRICS else f"{value:.3f}"
+    shown = f"{100 * value:.2f}" if is_percent(metric) else f"{value:.3f}"
     return shown + ("*" if partial else "")
+
+
+def is_percent(metric: str) -> bool:
+    return metric in MAIN_METRICS or metric.removesuffix("_all_draws") in MAIN_METRICS
 
 
 def is_partial(row: Mapping[str, Any]) -> bool:
     return int(row.get("shards_done") or 0) < int(row.get("shards_total") or 0)
 
 
+def is_wide(row: Mapping[str, Any]) -> bool:
+    low, high = row.get("ci_low"), row.get("ci_high")
+    return not _missing(low) and not _missing(high) and (high - low) / 2 > WIDE_HALF_WIDTH
+
+
+def fmt_interval(low: Any, high: Any, metric: str) -> str:
+    if _missing(low) or _missing(high):
+        return ""
+    return f" [{100 * low:.1f}, {100 * high:.1f}]" if is_percent(metric) else f" [{low:.3f}, {high:.3f}]"
+
+
 def fmt_cell(row: Mapping[str, Any]) -> str:
-    """A table cell: the value (in % for the task metrics), ``*`` when some of its shards are missing."""
-    return _fmt(row["value"], row["metric"], is_partial(row))
+    """A table cell: the value (in % for the task metrics) and its 95% interval when the results table has one,
+    ``*`` when some of its shards are missing, ``~`` when the interval is wider than +-5 points."""
+    cell = _fmt(row["value"], row["metric"], is_partial(row))
+    if cell == "-":
+        return cell
+    return cell + fmt_interval(row.get("ci_low"), row.get("ci_high"), row["metric"]) + ("~" if is_wide(row) else "")
+
+
+def fmt_delta(row: Mapping[str, Any]) -> str:
+    """Defense minus vanilla on the same images, with its paired 95% interval; ``+`` marks an interval above 0 and
+    ``-`` one below 0 (only then does the table say the defense changed the metric)."""
+    delta, low, high = row.get("delta"), row.get("delta_ci_low"), row.get("delta_ci_high")
+    if _missing(delta):
+        return "-"
+    sign = " (+)" if not _missing(low) and low > 0 else " (-)" if not _missing(high) and high < 0 else ""
+    return f"{100 * delta:+.2f}" + fmt_interval(low, high, row["metric"]) + sign
 
 
 def partial_note(partial: bool) -> list[str]:
     return ["* partial: some shards are missing or failed (see `equi status`)"] if partial else []
+
+
+def interval_notes(sel: Sequence[Mapping[str, Any]]) -> list[str]:
+    """How the intervals were made, and what the marks mean."""
+    if not any(not _missing(r.get("ci_low")) for r in sel):
+        return []
+    notes = ["[low, high]: 95% bootstrap interval over images (1000 resamples, seeded)"]
+    if any(is_wide(r) for r in sel):
+        notes.append("~ interval wider than +-5 points: too few images to resolve differences that small")
+    if any(int(r.get("n_draws") or 1) > 1 for r in sel):
+        spread = max(float(r.get("draw_std") or 0) for r in sel)
+        notes.append(
+            "randomised defenses: mean over their evaluation draws (between-draw standard deviation up to "
+            f"{100 * spread:.2f} points); their all-draws worst is a separate table"
+        )
+    if any(r["attack"] == "worst" for r in sel):
+        notes.append(
+            "worst: per image over every attack of the run (and every evaluation draw), never a minimum of cells"
+        )
+    return notes
 
 
 def sample_note(sel: Sequence[Mapping[str, Any]], metric: str) -> list[str]:
@@ -221,14 +277,46 @@ def build_tables(rows: list[dict[str, Any]]) -> list[Table]:
         return []
     if "defense_label" not in rows[0]:
         rows = label_rows(rows)
-    run_rows = [r for r in rows if r["metric"] in MAIN_METRICS or r["metric"].startswith("equivariance_")]
+    run_rows = [r for r in rows if is_percent(r["metric"]) or r["metric"].startswith("equivariance_")]
     tables = []
     for metric in table_metrics(run_rows):
         sel = [r for r in run_rows if r["metric"] == metric]
         cells = {(r["attack_label"], r["defense_label"]): fmt_cell(r) for r in sel}
-        notes = partial_note(any(is_partial(r) for r in sel)) + sample_note(sel, metric) + worst_notes(sel)
+        notes = (
+            partial_note(any(is_partial(r) for r in sel))
+            + sample_note(sel, metric)
+            + interval_notes(sel)
+            + worst_notes(sel)
+        )
         rows_, cols = ordered([r["attack_label"] for r in sel]), ordered([r["defense_label"] for r in sel])
         tables.append(Table(TITLES[metric], rows_, cols, cells, notes))
+        drawn = [r for r in run_rows if r["metric"] == f"{metric}_all_draws"]
+        if drawn:
+            cells = {(r["attack_label"], r["defense_label"]): fmt_cell(r) for r in drawn}
+            cols = ordered([r["defense_label"] for r in drawn])
+            note = ["an image counts only if the defense gets it right under every one of its evaluation draws"]
+            tables.append(
+                Table(
+                    TITLES[metric] + ", all-draws worst", ordered([r["attack_label"] for r in drawn]), cols, cells, note
+                )
+            )
+        deltas = [r for r in sel if not _missing(r.get("delta"))]
+        if deltas:
+            cells = {(r["attack_label"], r["defense_label"]): fmt_delta(r) for r in deltas}
+            cols = ordered([r["defense_label"] for r in deltas])
+            note = [
+                "paired on the same images (the same resamples for both); (+) / (-): the 95% interval excludes 0, "
+                "so the defense raised / lowered the metric; no mark: not resolved at this n"
+            ]
+            tables.append(
+                Table(
+                    TITLES[metric] + ": defense minus vanilla",
+                    ordered([r["attack_label"] for r in deltas]),
+                    cols,
+                    cells,
+                    note,
+                )
+            )
     return tables
 
 

@@ -128,7 +128,7 @@ def _set(*keys: str, value: Any) -> Callable[[dict, Path], None]:
         d = cfg
         for k in keys[:-1]:
             d = d[int(k)] if isinstance(d, list) else d[k]
-        d[keys[-1]] = value
+        d[int(keys[-1]) if isinstance(d, list) else keys[-1]] = value
 
     return mutate
 
@@ -310,6 +310,30 @@ CASES: list[Case] = [
         "unknown attack parameter",
         _set("attacks", "1", "epss", value=8),
         "attack 'pgd' got unknown parameter(s) ['epss']",
+    ),
+    config(
+        "eval_draws_zero",
+        "eval_draws: 0",
+        _set("defenses", "1", "eval_draws", value=0),
+        "defenses.1.eval_draws: Input should be greater than or equal to 1",
+    ),
+    config(
+        "loss_not_for_task",
+        "a segmentation loss on a classifier",
+        _set("attacks", "1", value={"name": "apgd", "eps": 8, "loss": "masked_ce"}),
+        "attacks.1 (apgd): loss 'masked_ce' is not defined for classification models (only ['segmentation'])",
+    ),
+    config(
+        "apgd_step_size",
+        "a step size for APGD",
+        _set("attacks", "1", value={"name": "apgd", "eps": 8, "step_size": 2}),
+        "apgd.step_size: the apgd optimizer sets its own step size; remove step_size, or set optimizer: pgd",
+    ),
+    config(
+        "unknown_suite",
+        "an unknown suite",
+        _set("suite", value={"name": "strongest", "eps": 8}),
+        "suite: name: Input should be 'standard'",
     ),
     config(
         "unknown_model",

@@ -404,7 +404,7 @@ def _unit_rows(rt, run_id, ai, di, n_shards, provenance) -> tuple[list[dict[str,
         for name, st in state.items():
             states.setdefault(name, []).append(state_from_dict(st))
     if not done:
-        return [], 0
+        return [], 0, {}
     by_base: dict[str, list] = {}
     for name in states:  # draw 0 first: "miou", then "miou#draw1", ...
         by_base.setdefault(name.split("#draw")[0], []).append(merge_all(states[name]))
@@ -439,7 +439,7 @@ def _unit_rows(rt, run_id, ai, di, n_shards, provenance) -> tuple[list[dict[str,
                     "defense_index": di,
                 }
             )
-    return rows, done
+    return rows, done, by_base
 
 
 def reduce_run(rt: Runtime, run_id: str, provenance: dict[str, Any]) -> list[dict[str, Any]]:
@@ -452,12 +452,15 @@ def reduce_run(rt: Runtime, run_id: str, provenance: dict[str, Any]) -> list[dic
     complete: set[tuple[int, int]] = set()
     for ai, di in units(cfg):
         maybe_fail("reduce", ai * len(cfg.defenses) + di)
-        unit_rows, done = _unit_rows(rt, run_id, ai, di, n_shards, provenance)
+        unit_rows, done, merged = _unit_rows(rt, run_id, ai, di, n_shards, provenance)
         if not unit_rows:
             continue
         rows += unit_rows
         a_key, d_key = unit_rows[0]["attack_key"], unit_rows[0]["defense_key"]
-        loaded = V.load_unit_samples(cfg.results_dir, run_id, a_key, d_key, n_shards, rt.task)
+        if rt.task == "instance":
+            loaded = V.instance_samples(merged["mask_ap"]) if "mask_ap" in merged else None
+        else:
+            loaded = V.load_unit_samples(cfg.results_dir, run_id, a_key, d_key, n_shards, rt.task)
         if loaded is not None:
             samples[(ai, di)] = loaded
         if done == n_shards:
@@ -490,7 +493,7 @@ def per_image_worst_rows(rt: Runtime, rows: list[dict[str, Any]], samples, compl
     """Attack ``worst`` per defense entry when the run asks for it: built per image from the cached per-attack
     outputs (see :func:`tasks.verdicts.per_image_worst`), only when every attack of that defense is complete."""
     cfg = rt.cfg
-    if not cfg.worst_case or rt.task not in ("classification", "segmentation"):
+    if not cfg.worst_case:
         return []
     main = TASK_METRICS[rt.task]
     out = []

@@ -12,7 +12,8 @@
   gradients that mislead, and is flagged ``gradient masking suspected``.
 
 Images are put in canonical order (sorted by sample id) before resampling, so any sharding gives the same
-intervals. Instance segmentation cells have no interval yet (mask AP would need COCOeval per resample).
+intervals. Mask AP is recomputed with COCOeval per resample (200 resamples: it is the slow one), its worst case is
+per image by single-image AP.
 """
 
 from __future__ import annotations
@@ -32,11 +33,14 @@ from equicore.metrics.bootstrap import (
     mean_stat,
     miou_stat,
     paired_delta_interval,
+    resample_indices,
     weighted_stat,
 )
+from equicore.metrics.coco_resample import ImageMatches, mask_ap
 from storage import results as R
 
 N_RESAMPLES = 1000
+N_RESAMPLES_INSTANCE = 200  # mask AP runs COCOeval per resample
 LEVEL = 0.95
 WORST = "worst"  # attack name of the per-image worst-case rows
 SQUARE_MASKING = (
@@ -53,6 +57,7 @@ class UnitSamples:
     correct: np.ndarray | None  # classification: 1.0 where the draw's prediction is right
     image_miou: np.ndarray | None  # segmentation
     counts: np.ndarray | None  # segmentation: [n, draws, 3, C] true-positive, predicted, ground-truth pixels
+    instances: list[Picks] | None = None  # instance segmentation: per draw, what image i is
 
 
 def load_unit_samples(results_dir: str, run_id: str, a_key: str, d_key: str, n_shards: int, task: str):
@@ -100,6 +105,62 @@ def worst_draw_counts(s: UnitSamples) -> np.ndarray:
     return s.counts[np.arange(len(pick)), pick][:, None]
 
 
+Picks = list[tuple[ImageMatches, int]]  # image i of a unit -> (one draw's COCO matching, that image's position)
+
+
+def instance_samples(merged_draws: Sequence[Any]) -> UnitSamples:
+    """Per draw, COCO's matching of every image, run once (mask AP of any resample is accumulated from it)."""
+    matches = [ImageMatches(st) for st in merged_draws]
+    ids = np.array(matches[0].image_ids)
+    return UnitSamples(ids, None, None, None, [[(m, i) for i in range(len(ids))] for m in matches])
+
+
+def _instance_values(s: UnitSamples, resamples: np.ndarray) -> np.ndarray:
+    draws = s.instances or []
+    return np.array([np.nanmean([mask_ap([d[int(i)] for i in idx]) for d in draws]) for idx in resamples])
+
+
+def _percentile_interval(value: float, values: np.ndarray, n: int) -> Interval:
+    kept = values[~np.isnan(values)]
+    if n == 0 or kept.size * 2 < values.size:
+        return Interval(value, math.nan, math.nan, n, values.size, LEVEL)
+    tail = 100 * (1 - LEVEL) / 2
+    low, high = np.percentile(kept, [tail, 100 - tail])
+    return Interval(value, float(low), float(high), n, values.size, LEVEL, int(values.size - kept.size))
+
+
+def instance_interval(s: UnitSamples, seed: int, base: UnitSamples | None = None) -> Interval | None:
+    """Mask AP (mean over draws) with its bootstrap interval over images, or with ``base`` the paired difference
+    ``s - base``; COCOeval runs once per resample, so fewer resamples (:data:`N_RESAMPLES_INSTANCE`)."""
+    if not s.instances or (base is not None and (not base.instances or not np.array_equal(base.ids, s.ids))):
+        return None
+    n = len(s.ids)
+    every = np.arange(n)[None]
+    resamples = resample_indices(n, N_RESAMPLES_INSTANCE, seed) if n else np.zeros((0, 0), dtype=int)
+    value, values = _instance_values(s, every)[0], _instance_values(s, resamples)
+    if base is not None:
+        value, values = value - _instance_values(base, every)[0], values - _instance_values(base, resamples)
+    return _percentile_interval(float(value), values, n)
+
+
+def instance_worst(units: Sequence[UnitSamples]) -> UnitSamples | None:
+    """Per image the (attack, draw) with the lowest single-image mask AP; if every image taking one same attack and
+    draw gives a lower dataset AP, that assignment instead (so the worst is never above a single attack's)."""
+    if not units or any(not u.instances or not np.array_equal(u.ids, units[0].ids) for u in units):
+        return None
+    candidates = [d for u in units for d in u.instances or []]
+    n = len(units[0].ids)
+
+    def image_ap(d: Picks, i: int) -> float:
+        v = mask_ap([d[i]])
+        return math.inf if math.isnan(v) else v
+
+    per_image = [min(candidates, key=lambda d, i=i: image_ap(d, i))[i] for i in range(n)]
+    assignments = [per_image] + [list(d) for d in candidates]
+    best = min(assignments, key=lambda a: np.nan_to_num(mask_ap(a), nan=np.inf))
+    return UnitSamples(units[0].ids, None, None, None, [best])
+
+
 def statistic(metric: str, s: UnitSamples) -> tuple[Any, tuple[np.ndarray, ...]] | None:
     """(stat, data) whose bootstrap gives the cell's interval, or None where the metric has none."""
     if metric == "accuracy" and s.correct is not None:
@@ -114,6 +175,8 @@ def statistic(metric: str, s: UnitSamples) -> tuple[Any, tuple[np.ndarray, ...]]
 
 
 def interval(metric: str, s: UnitSamples, seed: int) -> Interval | None:
+    if metric == "mask_ap":
+        return instance_interval(s, seed)
     found = statistic(metric, s)
     if found is None:
         return None
@@ -125,6 +188,8 @@ def delta_interval(metric: str, vanilla: UnitSamples, other: UnitSamples, seed: 
     """Paired: the same resampled images for both (they must be the same images)."""
     if not np.array_equal(vanilla.ids, other.ids):
         return None
+    if metric == "mask_ap":
+        return instance_interval(other, seed, base=vanilla)
     a, b = statistic(metric, vanilla), statistic(metric, other)
     if a is None or b is None or a[0] is not b[0]:
         return None
@@ -176,6 +241,8 @@ def per_image_worst(units: Sequence[UnitSamples]) -> UnitSamples | None:
     if first.correct is not None:
         robust = np.stack([u.correct.min(axis=1) for u in units]).min(axis=0)  # type: ignore[union-attr]
         return UnitSamples(first.ids, robust[:, None], None, None)
+    if first.instances is not None:
+        return instance_worst(units)
     if first.counts is not None:
         miou = np.concatenate([u.image_miou for u in units], axis=1)  # type: ignore[arg-type]
         counts = np.concatenate([u.counts for u in units], axis=1)  # type: ignore[arg-type]
@@ -186,6 +253,8 @@ def per_image_worst(units: Sequence[UnitSamples]) -> UnitSamples | None:
 
 
 def point_value(metric: str, s: UnitSamples) -> float:
+    if metric == "mask_ap" and s.instances:
+        return float(_instance_values(s, np.arange(len(s.ids))[None])[0])
     found = statistic(metric, s)
     return float(found[0](*found[1])) if found is not None else math.nan
 

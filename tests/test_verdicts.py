@@ -210,3 +210,60 @@ def test_standard_suite_expands_per_task_and_turns_on_the_worst_case(tmp_path) -
         tiny_config(tmp_path, suite={"name": "standard", "eps": 8}, attacks=[], defenses=[{"name": "vanilla"}])
     )
     assert [a.name for a in plain.attacks] == ["clean", "apgd", "apgd_t", "square"]
+
+
+@pytest.mark.pipeline
+def test_segmentation_run_gets_the_per_image_worst_and_intervals(tmp_path) -> None:
+    cfg = tiny_config(
+        tmp_path,
+        dataset={"name": "fashion_scenes", "params": {"split": "test"}, "limit": 4},
+        model={"name": "drn_tiny_seg"},
+        attacks=[
+            {"name": "clean"},
+            {"name": "apgd", "eps": 8, "steps": 2, "loss": "masked_ce"},
+            {"name": "apgd", "eps": 8, "steps": 2, "loss": "js"},
+        ],
+        defenses=[{"name": "vanilla"}],
+        measure={"enabled": False},
+        worst_case=True,
+        shard_size=2,
+        batch_size=2,
+        cluster={"in_process": True, "torch_threads": 1},
+    )
+    from flows.pipeline import run
+
+    summary = run(parse_config(cfg))
+    rows = [r for r in R.read_results_table(cfg["results_dir"], summary.run_id).to_pylist() if r["metric"] == "miou"]
+    worst = next(r for r in rows if r["attack"] == "worst")
+    singles = [r for r in rows if r["attack"] != "worst"]
+    assert len(singles) == 3 and all(worst["value"] <= r["value"] + 1e-12 for r in singles)
+    assert all(r["ci_low"] <= r["value"] <= r["ci_high"] for r in rows)
+
+
+@pytest.mark.pipeline
+def test_instance_run_gets_mask_ap_intervals_deltas_and_the_per_image_worst(tmp_path) -> None:
+    cfg = tiny_config(
+        tmp_path,
+        dataset={"name": "fashion_scenes_instances", "params": {"split": "test"}, "limit": 3},
+        model={"name": "maskrcnn_small"},
+        attacks=[{"name": "clean"}, {"name": "pgd", "eps": 8, "step_size": 8, "steps": 1}],
+        defenses=[{"name": "vanilla"}, {"name": "random_noise", "eval_draws": 2}],
+        measure={"enabled": False},
+        worst_case=True,
+        shard_size=3,
+        batch_size=3,
+        cluster={"in_process": True, "torch_threads": 1},
+    )
+    from flows.pipeline import run
+
+    summary = run(parse_config(cfg))
+    rows = [r for r in R.read_results_table(cfg["results_dir"], summary.run_id).to_pylist() if r["metric"] == "mask_ap"]
+    by = {(r["attack"], r["defense"]): r for r in rows}
+    for defense in ("vanilla", "random_noise"):
+        worst = by[("worst", defense)]
+        assert all(worst["value"] <= by[(a, defense)]["value"] + 1e-12 for a in ("clean", "pgd"))
+    for r in rows:
+        assert r["ci_low"] <= r["value"] + 1e-12 and r["value"] <= r["ci_high"] + 1e-12
+    noisy = by[("pgd", "random_noise")]
+    assert noisy["n_draws"] == 2
+    assert noisy["delta"] == pytest.approx(noisy["value"] - by[("pgd", "vanilla")]["value"])

@@ -33,4 +33,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     || { echo "setup: installation incomplete" >&2; exit 1; }
   touch "$stamp"
 fi
+# torchattacks: the reference the tests hold APGD and Square to (a test dependency, never imported by the package).
+# --no-deps: it pins requests~=2.25, which would downgrade what prefect needs; scipy and tqdm come with the project.
+if ! "$VPY" -c "import torchattacks" 2>/dev/null; then
+  echo "setup: installing torchattacks==3.5.1 (test reference)"
+  "$VPY" -m pip install -q --no-deps torchattacks==3.5.1 2>&1 | grep -v "^WARNING: Location" || true
+fi
 echo "setup: ok ($("$VPY" -c 'import torch; print("torch", torch.__version__)'))"

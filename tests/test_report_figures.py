@@ -70,7 +70,9 @@ def _expected_sweep_markdown(results_dir: str, run_id: str) -> str:
     for r in acc:
         params = json.loads(r["defense_params"])
         column = f"eps_v={params['eps_v']:g}" if r["defense"] == "equivariance" else r["defense"]
-        cells[(r["attack"], column)] = f"{100 * r['value']:.2f}"
+        low, high = r["ci_low"], r["ci_high"]
+        wide = "~" if (high - low) / 2 > 0.05 else ""
+        cells[(r["attack"], column)] = f"{100 * r['value']:.2f} [{100 * low:.1f}, {100 * high:.1f}]{wide}"
     columns = [f"eps_v={e:g}" for e in sorted(EPS_V)] + ["vanilla"]
     lines = [
         "### Top-1 accuracy (%) vs eps_v (/255)",
@@ -117,7 +119,7 @@ def test_columns_that_differ_by_a_parameter_get_readable_labels(sweep_run) -> No
         for r in parquet
         if r["metric"] == "accuracy" and r["attack"] == "pgd" and json.loads(r["defense_params"]).get("eps_v") == 16
     )
-    assert accuracy.cells[("pgd", "equivariance (eps_v=16)")] == f"{100 * value:.2f}"
+    assert accuracy.cells[("pgd", "equivariance (eps_v=16)")].split(" [")[0] == f"{100 * value:.2f}"
 
 
 def test_entry_labels_and_k_of_views() -> None:

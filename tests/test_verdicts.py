@@ -267,3 +267,19 @@ def test_instance_run_gets_mask_ap_intervals_deltas_and_the_per_image_worst(tmp_
     noisy = by[("pgd", "random_noise")]
     assert noisy["n_draws"] == 2
     assert noisy["delta"] == pytest.approx(noisy["value"] - by[("pgd", "vanilla")]["value"])
+
+
+def test_square_below_every_gradient_attack_flags_gradient_masking() -> None:
+    def row(ai, di, value, attack="x"):
+        return {"metric": "accuracy", "attack": attack, "attack_index": ai, "defense_index": di, "value": value}
+
+    rows = [
+        row(0, 0, 1.0, "clean"),
+        row(1, 0, 0.30),  # a gradient attack on defense 0
+        row(2, 0, 0.10),  # Square on defense 0: lower than every gradient attack
+        row(1, 1, 0.05),
+        row(2, 1, 0.10),  # Square on defense 1: not lower
+        row(-1, 0, 0.0, "worst"),
+    ]
+    flags = V.square_masking(rows, square_attacks={2}, metric="accuracy")
+    assert flags == {0: V.SQUARE_MASKING}

@@ -243,6 +243,14 @@ def interval_notes(sel: Sequence[Mapping[str, Any]]) -> list[str]:
             "randomised defenses: mean over their evaluation draws (between-draw standard deviation up to "
             f"{100 * spread:.2f} points); their all-draws worst is a separate table"
         )
+    single = sorted(
+        {r["defense_label"] for r in sel if r.get("defense_randomized") and int(r.get("n_draws") or 1) == 1}
+    )
+    if single:
+        notes.append(
+            f"scored on one draw of their randomness: {', '.join(single)} (cells can move between draws; "
+            "eval_draws > 1 gives the mean and the all-draws worst)"
+        )
     if any(r["attack"] == "worst" for r in sel):
         notes.append(
             "worst: per image over every attack of the run (and every evaluation draw), never a minimum of cells"

@@ -212,28 +212,34 @@ def test_standard_suite_expands_per_task_and_turns_on_the_worst_case(tmp_path) -
     assert [a.name for a in plain.attacks] == ["clean", "apgd", "apgd_t", "square"]
 
 
-@pytest.mark.pipeline
-def test_segmentation_run_gets_the_per_image_worst_and_intervals(tmp_path) -> None:
-    cfg = tiny_config(
-        tmp_path,
-        dataset={"name": "fashion_scenes", "params": {"split": "test"}, "limit": 4},
-        model={"name": "drn_tiny_seg"},
-        attacks=[
-            {"name": "clean"},
-            {"name": "apgd", "eps": 8, "steps": 2, "loss": "masked_ce"},
-            {"name": "apgd", "eps": 8, "steps": 2, "loss": "js"},
-        ],
-        defenses=[{"name": "vanilla"}],
-        measure={"enabled": False},
-        worst_case=True,
-        shard_size=2,
-        batch_size=2,
-        cluster={"in_process": True, "torch_threads": 1},
-    )
+def run_scenes(tmp_path, dataset: str, model: str, attacks: list, defenses: list, metric: str, n: int):
+    """A small scene run (in process) with the per-image worst case on; its rows of ``metric``."""
     from flows.pipeline import run
 
+    cfg = tiny_config(
+        tmp_path,
+        dataset={"name": dataset, "params": {"split": "test"}, "limit": n},
+        model={"name": model},
+        attacks=attacks,
+        defenses=defenses,
+        measure={"enabled": False},
+        worst_case=True,
+        shard_size=n // 2 if n % 2 == 0 else n,
+        batch_size=n // 2 if n % 2 == 0 else n,
+        cluster={"in_process": True, "torch_threads": 1},
+    )
     summary = run(parse_config(cfg))
-    rows = [r for r in R.read_results_table(cfg["results_dir"], summary.run_id).to_pylist() if r["metric"] == "miou"]
+    return [r for r in R.read_results_table(cfg["results_dir"], summary.run_id).to_pylist() if r["metric"] == metric]
+
+
+@pytest.mark.pipeline
+def test_segmentation_run_gets_the_per_image_worst_and_intervals(tmp_path) -> None:
+    attacks = [
+        {"name": "clean"},
+        {"name": "apgd", "eps": 8, "steps": 2, "loss": "masked_ce"},
+        {"name": "apgd", "eps": 8, "steps": 2, "loss": "js"},
+    ]
+    rows = run_scenes(tmp_path, "fashion_scenes", "drn_tiny_seg", attacks, [{"name": "vanilla"}], "miou", 4)
     worst = next(r for r in rows if r["attack"] == "worst")
     singles = [r for r in rows if r["attack"] != "worst"]
     assert len(singles) == 3 and all(worst["value"] <= r["value"] + 1e-12 for r in singles)
@@ -242,22 +248,9 @@ def test_segmentation_run_gets_the_per_image_worst_and_intervals(tmp_path) -> No
 
 @pytest.mark.pipeline
 def test_instance_run_gets_mask_ap_intervals_deltas_and_the_per_image_worst(tmp_path) -> None:
-    cfg = tiny_config(
-        tmp_path,
-        dataset={"name": "fashion_scenes_instances", "params": {"split": "test"}, "limit": 3},
-        model={"name": "maskrcnn_small"},
-        attacks=[{"name": "clean"}, {"name": "pgd", "eps": 8, "step_size": 8, "steps": 1}],
-        defenses=[{"name": "vanilla"}, {"name": "random_noise", "eval_draws": 2}],
-        measure={"enabled": False},
-        worst_case=True,
-        shard_size=3,
-        batch_size=3,
-        cluster={"in_process": True, "torch_threads": 1},
-    )
-    from flows.pipeline import run
-
-    summary = run(parse_config(cfg))
-    rows = [r for r in R.read_results_table(cfg["results_dir"], summary.run_id).to_pylist() if r["metric"] == "mask_ap"]
+    attacks = [{"name": "clean"}, {"name": "pgd", "eps": 8, "step_size": 8, "steps": 1}]
+    defenses = [{"name": "vanilla"}, {"name": "random_noise", "eval_draws": 2}]
+    rows = run_scenes(tmp_path, "fashion_scenes_instances", "maskrcnn_small", attacks, defenses, "mask_ap", 3)
     by = {(r["attack"], r["defense"]): r for r in rows}
     for defense in ("vanilla", "random_noise"):
         worst = by[("worst", defense)]

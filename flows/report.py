@@ -223,7 +223,8 @@ def fmt_delta(row: Mapping[str, Any]) -> str:
     if _missing(delta):
         return "-"
     sign = " (+)" if not _missing(low) and low > 0 else " (-)" if not _missing(high) and high < 0 else ""
-    return f"{100 * delta:+.2f}" + fmt_interval(low, high, row["metric"]) + sign
+    shown = f"{100 * delta:+.2f}" if is_percent(row["metric"]) else f"{delta:+.3f}"
+    return shown + fmt_interval(low, high, row["metric"]) + sign
 
 
 def partial_note(partial: bool) -> list[str]:
@@ -308,7 +309,8 @@ def build_tables(rows: list[dict[str, Any]]) -> list[Table]:
                     TITLES[metric] + ", all-draws worst", ordered([r["attack_label"] for r in drawn]), cols, cells, note
                 )
             )
-        deltas = [r for r in sel if not _missing(r.get("delta"))]
+        # The defense's input is the same for both unless the attack saw the defense: no difference to show there.
+        deltas = [r for r in sel if not _missing(r.get("delta")) and metric != "equivariance_before"]
         if deltas:
             cells = {(r["attack_label"], r["defense_label"]): fmt_delta(r) for r in deltas}
             cols = ordered([r["defense_label"] for r in deltas])

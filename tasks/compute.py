@@ -457,10 +457,9 @@ def reduce_run(rt: Runtime, run_id: str, provenance: dict[str, Any]) -> list[dic
             continue
         rows += unit_rows
         a_key, d_key = unit_rows[0]["attack_key"], unit_rows[0]["defense_key"]
-        if rt.task == "instance":
-            loaded = V.instance_samples(merged["mask_ap"]) if "mask_ap" in merged else None
-        else:
-            loaded = V.load_unit_samples(cfg.results_dir, run_id, a_key, d_key, n_shards, rt.task)
+        loaded = V.load_unit_samples(cfg.results_dir, run_id, a_key, d_key, n_shards, rt.task)
+        if rt.task == "instance" and "mask_ap" in merged:
+            loaded = V.instance_samples(merged["mask_ap"], loaded)
         if loaded is not None:
             samples[(ai, di)] = loaded
         if done == n_shards:

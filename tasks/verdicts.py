@@ -40,6 +40,7 @@ from equicore.metrics.coco_resample import ImageMatches, mask_ap
 from storage import results as R
 
 N_RESAMPLES = 1000
+SCORE_COLUMNS = ("equivariance_before", "equivariance_after")  # per-image means with an interval too
 N_RESAMPLES_INSTANCE = 200  # mask AP runs COCOeval per resample
 LEVEL = 0.95
 WORST = "worst"  # attack name of the per-image worst-case rows
@@ -58,6 +59,7 @@ class UnitSamples:
     image_miou: np.ndarray | None  # segmentation
     counts: np.ndarray | None  # segmentation: [n, draws, 3, C] true-positive, predicted, ground-truth pixels
     instances: list[Picks] | None = None  # instance segmentation: per draw, what image i is
+    scores: dict[str, np.ndarray] | None = None  # per-image real-valued columns (equivariance before / after)
 
 
 def load_unit_samples(results_dir: str, run_id: str, a_key: str, d_key: str, n_shards: int, task: str):
@@ -77,12 +79,13 @@ def load_unit_samples(results_dir: str, run_id: str, a_key: str, d_key: str, n_s
         # Shards written before evaluation draws existed hold one draw, in the single-value column.
         return np.array([r.get(column) or [r[single]] for r in rows], dtype=float)
 
+    scores = {c: np.array([r.get(c, math.nan) for r in rows], dtype=float) for c in SCORE_COLUMNS}
     if task == "classification":
-        return UnitSamples(ids, per_draw("draw_correct", "correct"), None, None)
+        return UnitSamples(ids, per_draw("draw_correct", "correct"), None, None, scores=scores)
     if task == "segmentation" and rows[0].get("draw_class_counts"):
         counts = np.array([r["draw_class_counts"] for r in rows], dtype=float)
-        return UnitSamples(ids, None, per_draw("draw_image_miou", "image_miou"), counts)
-    return UnitSamples(ids, None, None, None)
+        return UnitSamples(ids, None, per_draw("draw_image_miou", "image_miou"), counts, scores=scores)
+    return UnitSamples(ids, None, None, None, scores=scores)
 
 
 @weighted_stat
@@ -108,11 +111,13 @@ def worst_draw_counts(s: UnitSamples) -> np.ndarray:
 Picks = list[tuple[ImageMatches, int]]  # image i of a unit -> (one draw's COCO matching, that image's position)
 
 
-def instance_samples(merged_draws: Sequence[Any]) -> UnitSamples:
-    """Per draw, COCO's matching of every image, run once (mask AP of any resample is accumulated from it)."""
+def instance_samples(merged_draws: Sequence[Any], rows: UnitSamples | None = None) -> UnitSamples:
+    """Per draw, COCO's matching of every image, run once (mask AP of any resample is accumulated from it); the
+    per-image score columns come from the unit's rows."""
     matches = [ImageMatches(st) for st in merged_draws]
     ids = np.array(matches[0].image_ids)
-    return UnitSamples(ids, None, None, None, [[(m, i) for i in range(len(ids))] for m in matches])
+    scores = rows.scores if rows is not None else None
+    return UnitSamples(ids, None, None, None, [[(m, i) for i in range(len(ids))] for m in matches], scores)
 
 
 def _instance_values(s: UnitSamples, resamples: np.ndarray) -> np.ndarray:
@@ -171,6 +176,8 @@ def statistic(metric: str, s: UnitSamples) -> tuple[Any, tuple[np.ndarray, ...]]
         return miou_over_draws, (s.counts,)
     if metric == "miou_all_draws" and s.counts is not None:
         return miou_over_draws, (worst_draw_counts(s),)
+    if metric in SCORE_COLUMNS and s.scores is not None and not np.isnan(s.scores[metric]).any():
+        return mean_stat, (s.scores[metric],)
     return None
 
 

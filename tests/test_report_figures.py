@@ -451,7 +451,7 @@ def test_equivariance_and_ablation_pages_of_the_same_run(sweep_run, tmp_path) ->
             for r in parquet
             if r["metric"] == metric and r["attack"] == attack and json.loads(r["defense_params"]).get("eps_v") == eps_v
         )
-        return f"{r['value']:.3f}"
+        return f"{r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
 
     table = X.equivariance_table(_labelled_rows(cfg.results_dir, run_id))
     assert table is not None and table.columns == ["mnist"]

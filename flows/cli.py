@@ -561,15 +561,18 @@ def prepare_data(
 
 @app.command("list")
 def list_entries(
-    kind: Annotated[str, typer.Argument(help="attacks, defenses, models, datasets, transforms, metrics or views")],
+    kind: Annotated[
+        str, typer.Argument(help="attacks, losses, defenses, models, datasets, transforms, metrics or views")
+    ],
 ) -> None:
     """List registered names (what a config may use)."""
     import equicore  # noqa: F401
-    from equicore.registry import ATTACKS, DATASETS, DEFENSES, METRICS, MODELS, TRANSFORMS
+    from equicore.registry import ATTACKS, DATASETS, DEFENSES, LOSSES, METRICS, MODELS, TRANSFORMS
     from equicore.transforms import VIEW_SETS
 
     registries = {
         "attacks": ATTACKS,
+        "losses": LOSSES,
         "defenses": DEFENSES,
         "models": MODELS,
         "datasets": DATASETS,

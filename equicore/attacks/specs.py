@@ -16,7 +16,7 @@ import torch
 
 from equicore.adapters import TaskAdapter
 from equicore.attacks.adaptive import adaptive_loss, bpda_loss
-from equicore.attacks.apgd import apgd
+from equicore.attacks.apgd import APGDResult, apgd
 from equicore.attacks.loop import NORMS, LossFn, projected_gradient
 from equicore.attacks.losses import build_loss
 from equicore.attacks.square import square_attack
@@ -132,20 +132,24 @@ class Attack:
         """Canonical parameters (for cache keys and results tables)."""
         return dataclasses.asdict(self)
 
+    def run_apgd(self, loss_fn: LossFn, x: torch.Tensor, seeds: list[int], **options: Any) -> APGDResult:
+        """APGD with this attack's budget and schedule (``options``: ``restart_offset``, ``active``)."""
+        return apgd(
+            loss_fn,
+            x,
+            eps=self.eps / 255.0,
+            steps=self.steps,
+            norm=self.norm,
+            n_restarts=self.n_restarts,
+            rho=self.rho,
+            seeds=seeds,
+            **options,
+        )
+
     def perturb(self, x: torch.Tensor, loss_fn: LossFn, seeds: Sequence[int] | torch.Tensor | None) -> torch.Tensor:
         """Run the gradient optimiser on ``loss_fn`` (Square is run by :func:`run_attack`: it needs scores)."""
         if self.optimizer == "apgd":
-            seed_list = as_seed_list(seeds, x.shape[0])
-            return apgd(
-                loss_fn,
-                x,
-                eps=self.eps / 255.0,
-                steps=self.steps,
-                norm=self.norm,
-                n_restarts=self.n_restarts,
-                rho=self.rho,
-                seeds=seed_list,
-            ).x_adv
+            return self.run_apgd(loss_fn, x, as_seed_list(seeds, x.shape[0])).x_adv
         if self.optimizer != "pgd":
             raise InvalidInputError(f"{self.name}: perturb runs gradient optimisers, not {self.optimizer!r}")
         return projected_gradient(
@@ -265,18 +269,7 @@ def _top_k_targets(
         params = {**attack.loss_params, **_truth_for(attack, y)}
         task_loss = build_loss(attack.loss, adapter, targets, targeted=True, **params)
         loss_fn = _through_defense(attack, task_loss, adapter, seeds, defense)
-        res = apgd(
-            loss_fn,
-            x,
-            eps=attack.eps / 255.0,
-            steps=attack.steps,
-            norm=attack.norm,
-            n_restarts=attack.n_restarts,
-            rho=attack.rho,
-            seeds=seeds,
-            restart_offset=rank * attack.n_restarts,
-            active=active,
-        )
+        res = attack.run_apgd(loss_fn, x, seeds, restart_offset=rank * attack.n_restarts, active=active)
         ran = active.clone()
         if res.fooled is not None:
             newly = res.fooled & ran

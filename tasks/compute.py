@@ -512,7 +512,8 @@ def per_image_worst_rows(rt: Runtime, rows: list[dict[str, Any]], samples, compl
                 "attack_params": {"over": [a.name for a in cfg.attacks], "per": "image"},
                 "metric": main,
                 "value": V.point_value(main, worst),
-                "n_draws": 1,
+                # Over every evaluation draw of every attack: as many draws as the defense was scored under.
+                "n_draws": max(int(r.get("n_draws", 1)) for r in rows if r["defense_index"] == di),
                 "draw_std": 0.0,
                 "wall_time_s": sum(r["wall_time_s"] for r in rows if r["defense_index"] == di and r["metric"] == main),
                 "attack_key": "worst:" + "+".join(sorted({r["attack_key"] for r in rows if r["defense_index"] == di})),

@@ -244,8 +244,13 @@ def interval_notes(sel: Sequence[Mapping[str, Any]]) -> list[str]:
             "randomised defenses: mean over their evaluation draws (between-draw standard deviation up to "
             f"{100 * spread:.2f} points); their all-draws worst is a separate table"
         )
+    # Task metrics only: the equivariance measure is taken on the first draw by design.
     single = sorted(
-        {r["defense_label"] for r in sel if r.get("defense_randomized") and int(r.get("n_draws") or 1) == 1}
+        {
+            r["defense_label"]
+            for r in sel
+            if is_percent(r["metric"]) and r.get("defense_randomized") and int(r.get("n_draws") or 1) == 1
+        }
     )
     if single:
         notes.append(

@@ -216,3 +216,16 @@ def test_momentum_differs_from_plain_steps(seeds: list[int]) -> None:
     mim = run_attack(small_attack("mim"), s.adapter, s.x, s.y, seeds).x_adv
     ifgsm = run_attack(small_attack("ifgsm"), s.adapter, s.x, s.y, seeds).x_adv
     assert not torch.equal(mim, ifgsm)
+
+
+def test_projected_gradient_attacks_keep_their_identity_from_before_apgd_and_square() -> None:
+    """An attack's canonical parameters seed its random start and key its cache: the fields APGD and Square added
+    must not enter a PGD-style attack's, or every earlier result would be redrawn."""
+    before = {
+        "name", "eps", "step_size", "steps", "norm", "random_init", "momentum", "loss", "loss_params", "targeted",
+        "target", "adaptive", "eot", "lambda_e", "fallback_views",
+    }  # fmt: skip
+    for name in ("fgsm", "ifgsm", "pgd", "mim", "cw", "houdini"):
+        assert set(build_attack(name).params()) == before, name
+    assert set(build_attack("bpda", optimizer="pgd", step_size=1).params()) == before
+    assert {"optimizer", "n_restarts", "rho"} <= set(build_attack("apgd").params())

@@ -29,6 +29,8 @@ from equicore.validation import check_batch_match, check_eps, check_images
 TARGET_MODES = ("next", "least_likely", "top")  # "top": AutoAttack's sweep over the top-k other classes (APGD-T)
 ADAPTIVE_KINDS = ("bpda", "aa")  # defense-aware attacks: run_attack needs the defense they attack
 OPTIMIZERS = ("pgd", "apgd", "square")
+# Fields added with APGD and Square (issue #16): left out of a projected-gradient attack's canonical parameters.
+_NEWER_FIELDS = ("optimizer", "n_restarts", "rho", "n_target_classes", "n_queries", "p_init")
 # Parameters that only one optimiser reads, with their defaults: setting one for another optimiser is an error.
 _OPTIMIZER_ONLY = {
     "momentum": ("pgd", None),
@@ -82,6 +84,8 @@ class Attack:
             value = getattr(self, param)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
                 raise InvalidInputError(f"{self.name}.{param}: expected a number in (0, 1], got {value!r}")
+        if self.n_target_classes != 9 and self.target != "top":
+            raise InvalidInputError(f"{self.name}.n_target_classes: only the target 'top' reads it")
         if self.target == "top" and self.optimizer != "apgd":
             raise InvalidInputError(f"{self.name}.target: 'top' (the top-k target sweep) needs optimizer apgd")
         if self.optimizer == "square":
@@ -129,8 +133,14 @@ class Attack:
         return self.optimizer == "square"
 
     def params(self) -> dict[str, Any]:
-        """Canonical parameters (for cache keys and results tables)."""
-        return dataclasses.asdict(self)
+        """Canonical parameters (for cache keys, seeds and results tables). A projected-gradient attack leaves out the
+        fields only APGD and Square read (they are at their defaults there): its identity, and so its seeds and its
+        numbers, stay what they were before those optimisers existed."""
+        p = dataclasses.asdict(self)
+        if self.optimizer == "pgd":
+            for name in _NEWER_FIELDS:
+                p.pop(name)
+        return p
 
     def run_apgd(self, loss_fn: LossFn, x: torch.Tensor, seeds: list[int], **options: Any) -> APGDResult:
         """APGD with this attack's budget and schedule (``options``: ``restart_offset``, ``active``)."""

@@ -26,6 +26,7 @@ from storage.locks import run_lock
 from tasks import compute
 from tasks.config import CLEAN, ConfigError, RunConfig
 from tasks.paths import check_config_paths, check_output_tree
+from tasks.reduce import reduce_run
 from tasks.runtime import Runtime, build_runtime, code_version, plan_shards, torch_threads_for
 
 # A task on a worker that dies (SIGKILL, OOM, preemption) is rescheduled on another worker up to this many times
@@ -438,7 +439,7 @@ def _run_locked(cfg: RunConfig, rt: Runtime, run_id: str, t0: float, on_plan, on
     if full:
         raise DiskFullError(full)  # before recording failures: they would be written to the same full disk
     failed = record_outcome(cfg, rt, run_id, outcome)
-    compute.reduce_run(rt, run_id, provenance(cfg))
+    reduce_run(rt, run_id, provenance(cfg))
     status = "failed" if failed else "complete"
     write_manifest(cfg, run_id, rt, status, {"failed_units": len(failed), "repaired": plan.repaired})
     computed = sum(1 for k, (s, _) in outcome.items() if s == "ok" and k[0] == "defend")

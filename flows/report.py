@@ -22,7 +22,7 @@ from storage import results as R
 MAIN_METRICS = ("accuracy", "miou", "mask_ap", "miou_to_target")
 TEST_TIME_DEFENSES = ("equivariance", "invariance", "random_noise", "rotation", "contrastive")
 ADAPTIVE_ATTACKS = ("bpda", "adaptive", "aa")
-WORST = ":worst"  # suffix of the worst-case rows of an AA lambda_e sweep (tasks.compute.WORST_SUFFIX)
+WORST = ":worst"  # suffix of the worst-case rows of an AA lambda_e sweep (tasks.reduce.WORST_SUFFIX)
 TITLES = {
     "accuracy": "Top-1 accuracy (%)",
     "miou": "mIoU (%)",

@@ -3,7 +3,8 @@
 attack_shard: adversarial images for one (attack, shard) -> Zarr cache, keyed by content.
 defend_shard: purify + predict + score one (attack, defense, shard) -> one Parquet file with per-sample rows and
               the shard's mergeable metric states.
-reduce_run:   merge shard states per (attack, defense) -> the long results table.
+
+The reduce step (merged states -> the long results table, with its verdicts) is in :mod:`tasks.reduce`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import torch
 from equicore.attacks import build_attack, make_targets, run_attack
 from equicore.defenses import build_defense
 from equicore.equivariance import consistency_score, sample_view_params
-from equicore.metrics import build_metric, merge_all, per_image_iou, state_from_dict
-from equicore.metrics.functional import confusion_matrix
+from equicore.metrics import build_metric
+from equicore.metrics.functional import confusion_matrix, mean_iou
 from equicore.seeding import derive_seed, sample_seeds
 from equicore.transforms import build_views
 from equicore.validation import check_images
@@ -30,7 +31,6 @@ from storage.cache import AdversarialCache
 from storage.errors import CacheCorruptError
 from storage.examples import write_examples
 from storage.keys import canonical_json, content_key
-from tasks import verdicts as V
 from tasks.config import CLEAN, TASK_METRICS, AttackConfig, DefenseConfig, RunConfig
 from tasks.examples import ExampleMaker, example_slots
 from tasks.faults import maybe_fail
@@ -239,13 +239,17 @@ def _equivariance(rt: Runtime, x: torch.Tensor) -> torch.Tensor:
         return consistency_score(rt.adapter.features, x, views, params).double().cpu()
 
 
-def _segmentation_counts(preds: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore: int | None) -> list:
-    """Per image: true-positive, predicted and ground-truth pixel counts per class (what a dataset mIoU needs)."""
-    out = []
+def _segmentation_counts(
+    preds: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore: int | None
+) -> tuple[list, list[float]]:
+    """Per image, from one confusion matrix: the true-positive, predicted and ground-truth pixel counts per class
+    (what a dataset mIoU needs) and the image's own mIoU."""
+    counts, ious = [], []
     for p, t in zip(preds, labels, strict=True):
         cm = confusion_matrix(p, t, num_classes, ignore)
-        out.append([cm.diag().tolist(), cm.sum(0).tolist(), cm.sum(1).tolist()])
-    return out
+        counts.append([cm.diag().tolist(), cm.sum(0).tolist(), cm.sum(1).tolist()])
+        ious.append(mean_iou(cm))
+    return counts, ious
 
 
 def defend_shard(
@@ -308,8 +312,9 @@ def defend_shard(
                 ]
             elif rt.task == "segmentation":
                 ignore = rt.dataset.ignore_index
-                iou_draws[r] = per_image_iou(bt["preds"], bt["labels"], rt.dataset.num_classes, ignore)
-                counts_draws[r] = _segmentation_counts(bt["preds"], bt["labels"], rt.dataset.num_classes, ignore)
+                counts_draws[r], iou_draws[r] = _segmentation_counts(
+                    bt["preds"], bt["labels"], rt.dataset.num_classes, ignore
+                )
         for j, sid in enumerate(data.ids[sl]):
             label, pred = _summary(rt.task, batch["labels"][j]), _summary(rt.task, batch["preds"][j])
             row = {
@@ -379,251 +384,3 @@ def record_examples(
         position = unit["shard"] * rt.cfg.shard_size + j  # in the run's sample order: the same under any sharding
         rows.append({**row, "position": position, "sample_id": data.ids[j], "attack": attack, "defense": defense})
     write_examples(rt.cfg.results_dir, run_id, unit, rows)
-
-
-# ---------------------------------------------------------------------------------------------------- reduce
-def units(cfg: RunConfig) -> list[tuple[int, int]]:
-    return [(ai, di) for ai in range(len(cfg.attacks)) for di in range(len(cfg.defenses))]
-
-
-def _unit_rows(rt, run_id, ai, di, n_shards, provenance) -> tuple[list[dict[str, Any]], int]:
-    """The results rows of one (attack, defense) unit from its shards' merged metric states (mean over evaluation
-    draws, with the between-draw spread), and how many shards were done."""
-    cfg = rt.cfg
-    attack, defense = cfg.attacks[ai], cfg.defenses[di]
-    a_key, d_key = attack_key(rt, attack, defense), defense_key(rt, attack, defense)
-    states: dict[str, list] = {}
-    seconds, done = 0.0, 0
-    for shard in range(n_shards):
-        if not R.shard_done(cfg.results_dir, run_id, a_key, d_key, shard):
-            continue
-        path = R.shard_path(cfg.results_dir, run_id, a_key, d_key, shard)
-        _, state = R.read_shard(path)
-        seconds += float(R.read_shard_unit(path).get("seconds", 0.0))
-        done += 1
-        for name, st in state.items():
-            states.setdefault(name, []).append(state_from_dict(st))
-    if not done:
-        return [], 0, {}
-    by_base: dict[str, list] = {}
-    for name in states:  # draw 0 first: "miou", then "miou#draw1", ...
-        by_base.setdefault(name.split("#draw")[0], []).append(merge_all(states[name]))
-    defense_params = {**resolved_defense(rt, attack, defense).params(), "eval_draws": eval_draws(rt, attack, defense)}
-    rows = []
-    for name, merged_draws in by_base.items():
-        computed = [m.compute() for m in merged_draws]
-        for metric in computed[0]:
-            values = [float(c[metric]) for c in computed]
-            label = metric.replace("equivariance_score", name) if name.startswith("equivariance") else metric
-            rows.append(
-                {
-                    **provenance,
-                    "run_id": run_id,
-                    "dataset": cfg.dataset.name,
-                    "model": cfg.model.name,
-                    "attack": attack.name,
-                    "attack_params": attack.params(),
-                    "defense": defense.name,
-                    "defense_params": defense_params,
-                    "metric": label,
-                    "value": float(np.mean(values)),
-                    "n_samples": merged_draws[0].n_samples,
-                    "n_draws": len(values),
-                    "draw_std": float(np.std(values)) if len(values) > 1 else 0.0,
-                    "wall_time_s": seconds,
-                    "shards_done": done,
-                    "shards_total": n_shards,
-                    "attack_key": a_key,
-                    "defense_key": d_key,
-                    "attack_index": ai,
-                    "defense_index": di,
-                }
-            )
-    return rows, done, by_base
-
-
-def reduce_run(rt: Runtime, run_id: str, provenance: dict[str, Any]) -> list[dict[str, Any]]:
-    """Merge every completed shard's states per (attack, defense) into the long results table (replacing it), then
-    add the verdicts of :mod:`tasks.verdicts` (intervals, all-draws and per-image worst rows, paired deltas)."""
-    cfg = rt.cfg
-    n_shards = len(plan_shards(rt.indices, cfg.shard_size))
-    rows: list[dict[str, Any]] = []
-    samples: dict[tuple[int, int], V.UnitSamples] = {}
-    complete: set[tuple[int, int]] = set()
-    for ai, di in units(cfg):
-        maybe_fail("reduce", ai * len(cfg.defenses) + di)
-        unit_rows, done, merged = _unit_rows(rt, run_id, ai, di, n_shards, provenance)
-        if not unit_rows:
-            continue
-        rows += unit_rows
-        a_key, d_key = unit_rows[0]["attack_key"], unit_rows[0]["defense_key"]
-        loaded = V.load_unit_samples(cfg.results_dir, run_id, a_key, d_key, n_shards, rt.task)
-        if rt.task == "instance" and "mask_ap" in merged:
-            loaded = V.instance_samples(merged["mask_ap"], loaded)
-        if loaded is not None:
-            samples[(ai, di)] = loaded
-        if done == n_shards:
-            complete.add((ai, di))
-    rows += sweep_worst_rows(cfg, rows)
-    rows += all_draws_rows(rt, rows, samples)
-    rows += per_image_worst_rows(rt, rows, samples, complete)
-    add_verdicts(rt, rows, samples)
-    annotate_gradient_masking(rt, rows)
-    R.write_results_table(cfg.results_dir, run_id, rows)
-    return rows
-
-
-def all_draws_rows(rt: Runtime, rows: list[dict[str, Any]], samples) -> list[dict[str, Any]]:
-    """``<metric>_all_draws`` for units scored under several draws: an image counts only under its worst draw."""
-    main = TASK_METRICS[rt.task]
-    out = []
-    for r in rows:
-        if r["metric"] != main or r.get("n_draws", 1) < 2 or (r["attack_index"], r["defense_index"]) not in samples:
-            continue
-        s = samples[(r["attack_index"], r["defense_index"])]
-        metric = f"{main}_all_draws"
-        value = V.point_value(metric, s)
-        if not math.isnan(value):
-            out.append({**r, "metric": metric, "value": value, "draw_std": 0.0})
-    return out
-
-
-def per_image_worst_rows(rt: Runtime, rows: list[dict[str, Any]], samples, complete) -> list[dict[str, Any]]:
-    """Attack ``worst`` per defense entry when the run asks for it: built per image from the cached per-attack
-    outputs (see :func:`tasks.verdicts.per_image_worst`), only when every attack of that defense is complete."""
-    cfg = rt.cfg
-    if not cfg.worst_case:
-        return []
-    main = TASK_METRICS[rt.task]
-    out = []
-    for di in range(len(cfg.defenses)):
-        cells = [(ai, di) for ai in range(len(cfg.attacks))]
-        if not all(c in complete and c in samples for c in cells):
-            continue
-        worst = V.per_image_worst([samples[c] for c in cells])
-        if worst is None:
-            continue
-        samples[(-1, di)] = worst
-        template = next(r for r in rows if r["defense_index"] == di and r["metric"] == main)
-        out.append(
-            {
-                **template,
-                "attack": V.WORST,
-                "attack_params": {"over": [a.name for a in cfg.attacks], "per": "image"},
-                "metric": main,
-                "value": V.point_value(main, worst),
-                # Over every evaluation draw of every attack: as many draws as the defense was scored under.
-                "n_draws": max(int(r.get("n_draws", 1)) for r in rows if r["defense_index"] == di),
-                "draw_std": 0.0,
-                "wall_time_s": sum(r["wall_time_s"] for r in rows if r["defense_index"] == di and r["metric"] == main),
-                "attack_key": "worst:" + "+".join(sorted({r["attack_key"] for r in rows if r["defense_index"] == di})),
-                "attack_index": -1,
-            }
-        )
-    return out
-
-
-def add_verdicts(rt: Runtime, rows: list[dict[str, Any]], samples) -> None:
-    """Intervals on every main cell and paired deltas to the run's first vanilla entry, in place."""
-    cfg = rt.cfg
-    vanilla = next((i for i, d in enumerate(cfg.defenses) if d.name == "vanilla"), None)
-    for r in rows:
-        s = samples.get((r["attack_index"], r["defense_index"])) if r["attack"].find(":") < 0 else None
-        iv = V.interval(r["metric"], s, cfg.seed) if s is not None else None
-        V.add_interval_columns(r, iv)
-        delta = None
-        if s is not None and vanilla is not None and r["defense_index"] != vanilla:
-            base = samples.get((r["attack_index"], vanilla))
-            delta = V.delta_interval(r["metric"], base, s, cfg.seed) if base is not None else None
-        V.add_delta_columns(r, delta)
-
-
-# Which way is worse for the defender: the attack's worst case over a sweep takes the min (or the max).
-_WORSE = {"accuracy": min, "miou": min, "mask_ap": min, "miou_to_target": max}
-WORST_SUFFIX = ":worst"
-
-
-def sweep_worst_rows(cfg: RunConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """For each ``lambda_e`` sweep of the adaptive attack: the worst case over its values per (defense, metric),
-    as rows of attack ``aa:worst`` naming the lambda_e that achieved it (paper: "we search the optimal lambda_e")."""
-    groups: dict[str, list[AttackConfig]] = {}
-    for a in cfg.attacks:
-        if (g := a.sweep_group()) is not None:
-            groups.setdefault(g, []).append(a)
-    out = []
-    for members in groups.values():
-        if len(members) < 2:
-            continue
-        lambdas = sorted(float(a.params().get("lambda_e", 1.0)) for a in members)
-        member_params = [a.params() for a in members]
-        by_cell: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-        for r in rows:
-            if r["attack_params"] in member_params and r["metric"] in _WORSE:
-                by_cell.setdefault((r["defense"], r["defense_key"], r["metric"]), []).append(r)
-        for (_, _, metric), cell in by_cell.items():
-            if len(cell) < len(members):
-                continue  # a sweep value is missing (failed shards): no worst case claimed
-            worst = _WORSE[metric](cell, key=lambda r: r["value"])
-            params = {k: v for k, v in worst["attack_params"].items() if k != "lambda_e"}
-            out.append(
-                {
-                    **worst,
-                    "attack": worst["attack"] + WORST_SUFFIX,
-                    "attack_params": {
-                        **params,
-                        "lambda_e_sweep": lambdas,
-                        "worst_lambda_e": worst["attack_params"].get("lambda_e", 1.0),
-                    },
-                    "shards_done": min(r["shards_done"] for r in cell),
-                    "wall_time_s": sum(r["wall_time_s"] for r in cell),
-                    "attack_key": "+".join(sorted({r["attack_key"] for r in cell})),
-                }
-            )
-    return out
-
-
-def masking_flags(rt: Runtime) -> list[dict[str, Any]]:
-    """Per defense entry (config order): its declared properties and the gradient-masking warning, if any. A
-    test-time-optimising or randomised defense must be evaluated with BPDA (with EOT when randomised) and with the
-    defense-aware attack AA; each entry is judged on its own, so two entries of one name never share a verdict."""
-    adaptive = [build_attack(a.name, **a.params()) for a in rt.cfg.attacks if a.defense_aware]
-    flags = []
-    for d in rt.cfg.defenses:
-        spec = resolved_defense(rt, CLEAN_ATTACK, d)
-        test_time, randomized = bool(spec.optimizes_at_test_time), bool(spec.randomized)
-        # BPDA without EOT (eot < 2) does not count as BPDA against a randomised defense.
-        done = {"bpda-no-eot" if randomized and a.adaptive == "bpda" and a.eot < 2 else a.adaptive for a in adaptive}
-        missing = []
-        if test_time or randomized:
-            if "bpda" not in done:
-                missing.append("BPDA with EOT" if randomized and "bpda-no-eot" in done else "BPDA")
-            if test_time and "aa" not in done:
-                missing.append("AA")
-        warning = (
-            f"{d.name} is a {'test-time' if test_time else 'randomised'} defense not evaluated with "
-            + " or ".join(missing)
-            + ": its robust numbers may reflect gradient masking"
-            if missing
-            else ""
-        )
-        flags.append({"defense_test_time": test_time, "defense_randomized": randomized, "masking_warning": warning})
-    return flags
-
-
-def annotate_gradient_masking(rt: Runtime, rows: list[dict[str, Any]]) -> None:
-    """AutoAttack-style flags on every row (see :func:`masking_flags`), matched to its defense entry by key."""
-    flags = masking_flags(rt)
-    square = {
-        ai
-        for ai, a in enumerate(rt.cfg.attacks)
-        if a.name != CLEAN and build_attack(a.name, **a.params()).gradient_free
-    }
-    suspected = V.square_masking(rows, square, TASK_METRICS[rt.task])
-    for di, text in suspected.items():
-        warning = flags[di]["masking_warning"]
-        flags[di] = {**flags[di], "masking_warning": f"{warning}; {text}" if warning else text}
-    entry_of = {defense_key(rt, a, d): di for a in rt.cfg.attacks for di, d in enumerate(rt.cfg.defenses)}
-    aware = {a.name for a in rt.cfg.attacks if a.defense_aware}
-    for r in rows:
-        r.update(flags[entry_of[r["defense_key"]]])
-        r["attack_defense_aware"] = r["attack"].split(":")[0] in aware

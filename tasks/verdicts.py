@@ -33,11 +33,11 @@ from equicore.metrics.bootstrap import (
     mean_stat,
     miou_stat,
     paired_delta_interval,
+    percentile_interval,
     resample_indices,
     weighted_stat,
 )
 from equicore.metrics.coco_resample import ImageMatches, mask_ap
-from storage import results as R
 
 N_RESAMPLES = 1000
 SCORE_COLUMNS = ("equivariance_before", "equivariance_after")  # per-image means with an interval too
@@ -62,15 +62,8 @@ class UnitSamples:
     scores: dict[str, np.ndarray] | None = None  # per-image real-valued columns (equivariance before / after)
 
 
-def load_unit_samples(results_dir: str, run_id: str, a_key: str, d_key: str, n_shards: int, task: str):
-    """The unit's per-image data from its finished shards (None if it has none)."""
-    tables = []
-    for shard in range(n_shards):
-        if R.shard_done(results_dir, run_id, a_key, d_key, shard):
-            tables.append(R.read_shard(R.shard_path(results_dir, run_id, a_key, d_key, shard))[0].to_pylist())
-    rows = [r for t in tables for r in t]
-    if not rows:
-        return None
+def unit_samples(rows: Sequence[Mapping[str, Any]], task: str) -> UnitSamples:
+    """A unit's per-image data from its shards' per-sample rows (any order: they are put in canonical order)."""
     order = canonical_order([r["sample_id"] for r in rows])
     rows = [rows[i] for i in order]
     ids = np.array([r["sample_id"] for r in rows])
@@ -91,14 +84,9 @@ def load_unit_samples(results_dir: str, run_id: str, a_key: str, d_key: str, n_s
 @weighted_stat
 def miou_over_draws(counts: np.ndarray, *, weights: np.ndarray | None = None):
     """Mean over evaluation draws of the dataset mIoU; ``counts`` is ``[n, draws, 3, C]``."""
-    values = [
-        miou_stat(counts[:, r, 0], counts[:, r, 1], counts[:, r, 2], weights=weights) for r in range(counts.shape[1])
-    ]
-    return (
-        np.mean(np.stack([np.asarray(v, dtype=float) for v in values]), axis=0)
-        if weights is not None
-        else float(np.mean(values))
-    )
+    values = [miou_stat(*(counts[:, r, k] for k in range(3)), weights=weights) for r in range(counts.shape[1])]
+    mean = np.mean(values, axis=0)
+    return mean if weights is not None else float(mean)
 
 
 def worst_draw_counts(s: UnitSamples) -> np.ndarray:
@@ -125,15 +113,6 @@ def _instance_values(s: UnitSamples, resamples: np.ndarray) -> np.ndarray:
     return np.array([np.nanmean([mask_ap([d[int(i)] for i in idx]) for d in draws]) for idx in resamples])
 
 
-def _percentile_interval(value: float, values: np.ndarray, n: int) -> Interval:
-    kept = values[~np.isnan(values)]
-    if n == 0 or kept.size * 2 < values.size:
-        return Interval(value, math.nan, math.nan, n, values.size, LEVEL)
-    tail = 100 * (1 - LEVEL) / 2
-    low, high = np.percentile(kept, [tail, 100 - tail])
-    return Interval(value, float(low), float(high), n, values.size, LEVEL, int(values.size - kept.size))
-
-
 def instance_interval(s: UnitSamples, seed: int, base: UnitSamples | None = None) -> Interval | None:
     """Mask AP (mean over draws) with its bootstrap interval over images, or with ``base`` the paired difference
     ``s - base``; COCOeval runs once per resample, so fewer resamples (:data:`N_RESAMPLES_INSTANCE`)."""
@@ -145,7 +124,9 @@ def instance_interval(s: UnitSamples, seed: int, base: UnitSamples | None = None
     value, values = _instance_values(s, every)[0], _instance_values(s, resamples)
     if base is not None:
         value, values = value - _instance_values(base, every)[0], values - _instance_values(base, resamples)
-    return _percentile_interval(float(value), values, n)
+    if n == 0:
+        return Interval(float(value), math.nan, math.nan, 0, 0, LEVEL)
+    return percentile_interval(float(value), values, n, N_RESAMPLES_INSTANCE, LEVEL)
 
 
 def instance_worst(units: Sequence[UnitSamples]) -> UnitSamples | None:
@@ -206,10 +187,7 @@ def delta_interval(metric: str, vanilla: UnitSamples, other: UnitSamples, seed: 
 
 def _dataset_miou(totals: np.ndarray) -> float:
     """mIoU of summed ``[3, C]`` counts (true positive, predicted, ground truth)."""
-    tp, pred, gt = totals
-    union = gt + pred - tp
-    present = union > 0
-    return float((tp[present] / union[present]).mean()) if present.any() else math.nan
+    return miou_stat(*(t[None] for t in totals))
 
 
 def worst_assignment(counts: np.ndarray, image_miou: np.ndarray, passes: int = 3) -> np.ndarray:

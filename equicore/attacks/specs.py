@@ -19,7 +19,7 @@ from equicore.attacks.adaptive import adaptive_loss, bpda_loss
 from equicore.attacks.apgd import APGDResult, apgd
 from equicore.attacks.loop import NORMS, LossFn, projected_gradient
 from equicore.attacks.losses import build_loss
-from equicore.attacks.square import square_attack
+from equicore.attacks.square import margin_loss, square_attack
 from equicore.defenses.base import Defense
 from equicore.errors import InvalidInputError
 from equicore.registry import ATTACKS, LOSSES
@@ -313,15 +313,14 @@ def _square(
             purified = defense.purify(adapter, xs, draw)
         return adapter.logits(purified)
 
-    def margin(xs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        logits = defended_logits(xs, idx)
-        labels = y[idx.to(y.device)]
-        true_score = logits.gather(1, labels.unsqueeze(1)).squeeze(1)
-        others = logits.scatter(1, labels.unsqueeze(1), float("-inf"))
-        return true_score - others.max(1).values
-
     return square_attack(
-        margin, x, eps=attack.eps, n_queries=attack.n_queries, p_init=attack.p_init, norm=attack.norm, seeds=seeds
+        margin_loss(defended_logits, y, with_indices=True),
+        x,
+        eps=attack.eps,
+        n_queries=attack.n_queries,
+        p_init=attack.p_init,
+        norm=attack.norm,
+        seeds=seeds,
     ).x_adv
 
 

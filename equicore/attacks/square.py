@@ -41,12 +41,13 @@ class SquareResult:
 
 
 def margin_loss(
-    logits_fn: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor, targeted: bool = False
+    logits_fn: Callable[..., torch.Tensor], labels: torch.Tensor, targeted: bool = False, with_indices: bool = False
 ) -> MarginFn:
     """A two-argument margin for :func:`square_attack` from a classifier's logits.
 
     Untargeted (``labels`` = true classes): ``z_y - max_{j!=y} z_j``. Targeted (``labels`` = targets):
-    ``max_{j!=t} z_j - z_t``. Negative means the attacker has won.
+    ``max_{j!=t} z_j - z_t``. Negative means the attacker has won. ``with_indices``: ``logits_fn(x, idx)`` also
+    gets the images' positions in the batch (e.g. to seed a randomised defense per image).
     """
     if not callable(logits_fn):
         raise InvalidInputError(f"logits_fn: expected a callable x -> logits [B, K], got {type(logits_fn).__name__}")
@@ -56,7 +57,7 @@ def margin_loss(
     labels = labels.detach().long()
 
     def margin(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        logits = logits_fn(x)
+        logits = logits_fn(x, idx) if with_indices else logits_fn(x)
         if logits.ndim != 2 or logits.shape[0] != x.shape[0] or logits.shape[1] < 2:
             raise InvalidInputError(f"logits_fn: expected logits [{x.shape[0]}, K>=2], got {tuple(logits.shape)}")
         y = labels[idx.to(labels.device)].to(logits.device)

@@ -174,7 +174,8 @@ def _percentiles(level: float) -> tuple[float, float]:
     return lo, 100.0 - lo
 
 
-def _interval(value: float, values: np.ndarray, n: int, n_resamples: int, level: float) -> Interval:
+def percentile_interval(value: float, values: np.ndarray, n: int, n_resamples: int, level: float) -> Interval:
+    """The percentile interval of resampled statistic ``values`` (NaNs dropped; NaN if more than half are)."""
     nan = np.isnan(values)
     n_dropped = int(nan.sum())
     if 2 * n_dropped > n_resamples:  # more than half the resamples undefined: no meaningful interval
@@ -238,7 +239,7 @@ def bootstrap_interval(
     if n == 1:  # every resample is the one image
         return Interval(value, value, value, 1, n_resamples, level)
     (values,) = _resampled_values(stat, [arrays], resample_indices(n, n_resamples, seed), vectorize)
-    return _interval(value, values, n, n_resamples, level)
+    return percentile_interval(value, values, n, n_resamples, level)
 
 
 def paired_delta_interval(
@@ -272,7 +273,7 @@ def paired_delta_interval(
     indices = resample_indices(n, n_resamples, seed)
     values_b, values_a = _resampled_values(stat, [arrays_b, arrays_a], indices, vectorize)
     values = values_b - values_a
-    return _interval(value, values, n, n_resamples, level)
+    return percentile_interval(value, values, n, n_resamples, level)
 
 
 # ----------------------------------------------------------------------------------------------------------------

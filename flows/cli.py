@@ -491,7 +491,7 @@ def train(
     seed: Annotated[int | None, typer.Option(help="override the recipe's seed")] = None,
 ) -> None:
     """Re-train a built-in model exactly as its model card says."""
-    from equicore import training
+    import training
 
     card = _guard(training.train, name, out, epochs=epochs, seed=seed)
     console.print_json(json.dumps(card, default=str))
@@ -527,7 +527,7 @@ def train_head(
     threads: Annotated[int, typer.Option(help="torch intra-op threads")] = 2,
 ) -> None:
     """Train the self-supervised head of the rotation or contrastive defense on a model's frozen features."""
-    from equicore import head_training as H
+    from training import heads as H
 
     card = _guard(
         H.train_head,

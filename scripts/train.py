@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train one of the project's models (a recipe in ``equicore.training.TRAINING_RECIPES``) on the built-in data.
+"""Train one of the project's models (a recipe in ``training.RECIPES``) on the built-in data.
 
 Usage:
   python scripts/train.py NAME [--out DIR] [--epochs N] [--seed S] [--limit N] [--eval-limit N] [--threads T]
@@ -20,13 +20,14 @@ from pathlib import Path
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from equicore import training  # noqa: E402
+import training  # noqa: E402
 from equicore.errors import EquirobustError  # noqa: E402
+from training.cards import recipes_in_card_order  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("name", nargs="?", help=f"recipe: {', '.join(training.TRAINING_RECIPES)}")
+    parser.add_argument("name", nargs="?", help=f"recipe: {', '.join(r.name for r in recipes_in_card_order())}")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default equicore/models/weights)")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     parser.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
@@ -40,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.list:
-            for name, r in training.TRAINING_RECIPES.items():
-                print(f"{name}: model {r.model}, {r.dataset} {r.train_split} -> {r.test_split}, {r.epochs} epochs")
+            for r in recipes_in_card_order():
+                print(f"{r.name}: model {r.model}, {r.dataset} {r.train_split} -> {r.test_split}, {r.epochs} epochs")
             return 0
         if args.render_cards:
             print(training.write_model_cards(args.out))

@@ -211,11 +211,11 @@ def make_task(task: str, n: int = 4, dtype: torch.dtype = torch.float32, size: t
 def tiny_head(kind: str, task: str, path: Path, *, epochs: int = 3, seed: int = 0) -> Path:
     """A self-supervised head for :func:`make_task`'s model of ``task`` (any dtype: the backbone digest is taken in
     float32), fitted for a few steps on random images; seconds on one core. Recorded model: ``tiny_<task>``."""
-    from equicore.head_training import HEAD_SETTINGS, fit_head, write_head
+    from training.heads import fit_head, head_settings, write_head
 
     s = make_task(task, n=2)
     images = random_images(48, 3, (16, 16), seed=21)
-    settings = replace(HEAD_SETTINGS[kind], epochs=epochs, hidden=16, batch_size=16, bank_size=32)
+    settings = replace(head_settings(kind), epochs=epochs, hidden=16, batch_size=16, bank_size=32)
     fitted = fit_head(
         kind,
         s.adapter,

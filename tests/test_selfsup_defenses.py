@@ -14,21 +14,21 @@ from equicore import heads as H
 from equicore.adapters import ClassificationAdapter, TaskAdapter, build_adapter
 from equicore.defenses import ContrastiveDefense, RotationDefense, build_defense
 from equicore.errors import CheckpointError, EquirobustError, InvalidInputError
-from equicore.head_training import (
-    HEAD_SETTINGS,
-    build_views,
+from equicore.models.checkpoint import read_card, save_checkpoint, weights_digest
+from equicore.models.common import WEIGHTS_DIR
+from equicore.registry import DATASETS, MODELS
+from equicore.transforms import build_views
+from tests.models_for_tests import SELF_SUPERVISED, TinyClassifier, make_task, random_images, seeded_model
+from tests.pipeline_helpers import mnist_root, table_rows, tiny_config
+from training.heads import (
     contrastive_eval,
     defense_view_features,
     fit_head,
+    head_settings,
     rotation_accuracy,
     rotation_features,
     write_head,
 )
-from equicore.models.checkpoint import read_card, save_checkpoint, weights_digest
-from equicore.models.common import WEIGHTS_DIR
-from equicore.registry import DATASETS, MODELS
-from tests.models_for_tests import SELF_SUPERVISED, TinyClassifier, make_task, random_images, seeded_model
-from tests.pipeline_helpers import mnist_root, table_rows, tiny_config
 
 SHIPPED = {"lenet5_mnist_adv": "relu2", "fashion_cnn": "features.block2"}
 
@@ -156,7 +156,7 @@ def test_shipped_lenet_heads_beat_chance_on_the_mnist_test_digits(kind: str, dig
         figures = rotation_accuracy(art.head, rotation_features(adapter, digits, art.meta.grid))
     else:
         assert art.bank is not None
-        feats = defense_view_features(adapter, digits, build_views(HEAD_SETTINGS[kind].views), art.meta.grid)
+        feats = defense_view_features(adapter, digits, build_views(head_settings(kind).views), art.meta.grid)
         figures = contrastive_eval(art.head, feats, art.bank, art.meta.temperature)
     assert figures["value"] > figures["chance"]
     assert figures["value"] == pytest.approx(card["held_out"]["value"], abs=1e-6)
@@ -175,7 +175,7 @@ def test_shipped_fashion_heads_beat_chance_on_fashion_mnist_test_images(kind: st
         figures = rotation_accuracy(art.head, rotation_features(adapter, x, art.meta.grid))
     else:
         assert art.bank is not None
-        feats = defense_view_features(adapter, x, build_views(HEAD_SETTINGS[kind].views), art.meta.grid)
+        feats = defense_view_features(adapter, x, build_views(head_settings(kind).views), art.meta.grid)
         figures = contrastive_eval(art.head, feats, art.bank, art.meta.temperature)
     assert figures["value"] > figures["chance"], figures
 
@@ -439,7 +439,7 @@ def test_equi_train_head_bad_input_is_one_line(args: list[str], message: str) ->
 def test_train_head_works_for_segmentation_and_instance_models(tmp_path: Path, model: str, task: str) -> None:
     """Random-init backbones (``--checkpoint none``), tiny limits: the heads train, and the defenses accept them on the
     same seeded model a run config with ``checkpoint: none`` builds."""
-    from equicore.head_training import build_backbone, train_head
+    from training.heads import build_backbone, train_head
 
     for kind in SELF_SUPERVISED:
         card = train_head(

@@ -10,7 +10,6 @@ from equicore import (  # noqa: F401  (imported for their registrations)
     datasets,
     defenses,
     equivariance,
-    instance,
     metrics,
     models,
     transforms,

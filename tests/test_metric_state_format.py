@@ -41,7 +41,8 @@ def _instance_batch(first_id: int) -> dict[str, Any]:
         gt = torch.stack([_mask(8, 8, 0, 0, 4, 4 + k), _mask(8, 8, 4, 3, 8, 8)])
         labels.append({"masks": gt, "labels": torch.tensor([1, 2]), "image_id": image_id})
         det = torch.stack([_mask(8, 8, 0, 0, 4, 5), _mask(8, 8, 5, 3, 8, 7), _mask(8, 8, 0, 5, 3, 8)])
-        preds.append({"masks": det, "scores": torch.tensor([0.9, 0.75 - 0.1 * k, 0.3]), "labels": torch.tensor([1, 2, 2])})
+        scores = torch.tensor([0.9, 0.75 - 0.1 * k, 0.3])
+        preds.append({"masks": det, "scores": scores, "labels": torch.tensor([1, 2, 2])})
     return {"preds": preds, "labels": labels}
 
 
@@ -103,7 +104,9 @@ def test_every_registered_metric_has_a_recorded_format(recorded) -> None:
 @pytest.mark.parametrize("name", METRICS.names())
 @pytest.mark.parametrize("which", ["single", "merged"])
 def test_to_dict_writes_the_recorded_format(name: str, which: str, recorded) -> None:
-    state = updated_state(name, 0) if which == "single" else merge_all([updated_state(name, 0), updated_state(name, 1)])
+    state = updated_state(name, 0)
+    if which == "merged":
+        state = merge_all([state, updated_state(name, 1)])
     written = state.to_dict()
     assert written == recorded[name][which]
     # Key order too: the dict is written to JSON and parquet metadata as it comes.
@@ -117,7 +120,9 @@ def test_recorded_dicts_read_back_to_the_same_state(name: str, which: str, recor
     state = state_from_dict(data)
     assert type(state) is METRICS.get(name)
     assert json.dumps(state.to_dict()) == json.dumps(data)
-    original = updated_state(name, 0) if which == "single" else merge_all([updated_state(name, 0), updated_state(name, 1)])
+    original = updated_state(name, 0)
+    if which == "merged":
+        original = merge_all([original, updated_state(name, 1)])
     assert _same_numbers(state.compute(), original.compute())
     assert state.n_samples == original.n_samples
     # A state read back merges like the one it was written from.

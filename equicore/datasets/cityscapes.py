@@ -30,6 +30,9 @@ from equicore.datasets.base import (
 from equicore.errors import DatasetError
 from equicore.registry import DATASETS
 
+# Where this dataset's loading code lives besides this module (for its code identity).
+_MODULES = ("equicore.datasets.base",)
+
 CITYSCAPES_CLASSES = (
     "road",
     "sidewalk",
@@ -111,7 +114,7 @@ class CityscapesDataset(SampleDataset):
         return self._digest
 
 
-@DATASETS.register("cityscapes", task="segmentation")
+@DATASETS.register("cityscapes", task="segmentation", modules=_MODULES)
 def cityscapes(root: str, split: str = "val", size: int | tuple[int, int] = (340, 680)) -> CityscapesDataset:
     """Cityscapes ``root`` (holding leftImg8bit/ and gtFine/); 19 classes, ignore 255; ``size`` = (H, W)."""
     base = require_dir(root, "Cityscapes")

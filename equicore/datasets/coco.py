@@ -42,6 +42,9 @@ from equicore.datasets.base import (
 from equicore.errors import DatasetError
 from equicore.registry import DATASETS
 
+# Where this dataset's loading code lives besides this module (for its code identity).
+_MODULES = ("equicore.datasets.base",)
+
 BACKGROUND_NAMES = {"background", "_background_", "__background__"}
 
 
@@ -226,7 +229,7 @@ def _open(
     return CocoIndex(ann, categories), imgs
 
 
-@DATASETS.register("coco", task="segmentation")
+@DATASETS.register("coco", task="segmentation", modules=_MODULES)
 def coco(
     root: str,
     split: str = "val2017",
@@ -244,7 +247,7 @@ def coco(
     return CocoDataset(index, imgs, split, "segmentation", as_hw(size, "coco"), include_crowd=False)
 
 
-@DATASETS.register("coco_instances", task="instance")
+@DATASETS.register("coco_instances", task="instance", modules=_MODULES)
 def coco_instances(
     root: str,
     split: str = "val2017",

@@ -23,6 +23,9 @@ from equicore.datasets.base import (
 from equicore.errors import DatasetError
 from equicore.registry import DATASETS
 
+# Where this dataset's loading code lives besides this module (for its code identity).
+_MODULES = ("equicore.datasets.base",)
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = (
     "t-shirt/top",
@@ -156,7 +159,7 @@ class ArrayClassificationDataset(SampleDataset):
         return self._digest
 
 
-@DATASETS.register("fashion_mnist", task="classification")
+@DATASETS.register("fashion_mnist", task="classification", modules=_MODULES)
 def fashion_mnist(
     root: str | None = None,
     split: str = "test",

@@ -33,6 +33,9 @@ from equicore.datasets.base import (
 from equicore.errors import DatasetError
 from equicore.registry import DATASETS
 
+# Where this dataset's loading code lives besides this module (for its code identity).
+_MODULES = ("equicore.datasets.base",)
+
 VOC_CLASSES = (
     "background",
     "aeroplane",
@@ -133,7 +136,7 @@ class VOCSegmentation(SampleDataset):
         return self._digest
 
 
-@DATASETS.register("voc", task="segmentation")
+@DATASETS.register("voc", task="segmentation", modules=_MODULES)
 def voc(root: str, split: str = "val", size: int | tuple[int, int] = 480) -> VOCSegmentation:
     """VOC ``root`` (the VOC2012 folder); 21 classes, ignore 255, 3 x 480 x 480; ``split`` names the ImageSets list."""
     base = require_dir(root, "PASCAL VOC")

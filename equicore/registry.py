@@ -173,6 +173,16 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._entries)
 
+    # Read like the name -> factory dicts some registries replaced (``VIEW_SETS.items()``); ``get`` raises.
+    def keys(self) -> list[str]:
+        return self.names()
+
+    def values(self) -> list[Callable[..., T]]:
+        return [self._entries[n].factory for n in self.names()]
+
+    def items(self) -> list[tuple[str, Callable[..., T]]]:
+        return [(n, self._entries[n].factory) for n in self.names()]
+
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name in self._entries
 

@@ -12,10 +12,11 @@ module defining the factory plus the ``modules`` the entry declares (see :mod:`e
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import difflib
-import importlib
 import inspect
+import sys
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
@@ -46,8 +47,8 @@ class RegistryEntry:
 class Registry(Generic[T]):
     """Name -> factory producing a ``T``. ``kind`` is used in error messages ("attack", "defense", ...).
 
-    ``base_cls``: the class every entry must produce, or ``"package.module:Class"`` resolved on first use (for base
-    classes whose modules import this one); None accepts any callable.
+    ``base_cls``: the class every entry must produce, or ``"package.module:Class"`` resolved on first use from the
+    imported module (for base classes whose modules import this one); None accepts any callable.
     """
 
     def __init__(self, kind: str, base_cls: type | str | None = None) -> None:
@@ -60,7 +61,7 @@ class Registry(Generic[T]):
     @property
     def base_cls(self) -> type | None:
         if isinstance(self._base_cls, str):
-            self._base_cls = _import_class(self._base_cls, self.kind)
+            self._base_cls = _resolve_class(self._base_cls, self.kind)
         return self._base_cls
 
     def register(
@@ -219,20 +220,30 @@ def accepted_params(factory: Callable[..., Any]) -> set[str] | None:
 
 def declared_return_class(factory: Callable[..., Any]) -> type | None:
     """The class a factory function's return annotation names (``list`` for ``list[X]``), or None when it has none
-    or it is not a class (``Callable[...]`` aliases, names that cannot be resolved): ``build`` checks those."""
+    or it is not a plain class (a ``Callable[...]`` alias, a union, a name that cannot be resolved): ``build`` checks
+    what those factories make. String annotations (``from __future__ import annotations``) are resolved as dotted
+    names in the factory's module, never evaluated."""
     try:
         annotation = inspect.signature(factory).return_annotation
     except (TypeError, ValueError):
         return None
     if annotation is inspect.Signature.empty:
         return None
-    if isinstance(annotation, str):  # ``from __future__ import annotations``
-        try:
-            annotation = eval(annotation, dict(getattr(factory, "__globals__", {})))  # noqa: S307 (source code)
-        except Exception:
-            return None
+    if isinstance(annotation, str):
+        annotation = _resolve_dotted(annotation.split("[", 1)[0].strip(), getattr(factory, "__globals__", {}))
     origin = typing.get_origin(annotation) or annotation
     return origin if inspect.isclass(origin) else None
+
+
+def _resolve_dotted(name: str, namespace: Mapping[str, Any]) -> Any:
+    """``"nn.Module"`` -> the object, looked up in ``namespace`` then builtins; None when it is not a dotted name."""
+    head, *rest = name.split(".")
+    if not head.isidentifier() or not all(part.isidentifier() for part in rest):
+        return None
+    obj = namespace[head] if head in namespace else getattr(builtins, head, None)
+    for part in rest:
+        obj = getattr(obj, part, None)
+    return obj
 
 
 def describe(registry: Registry[Any]) -> Mapping[str, dict[str, Any]]:
@@ -240,23 +251,25 @@ def describe(registry: Registry[Any]) -> Mapping[str, dict[str, Any]]:
     return {n: registry.meta(n) for n in registry.names()}
 
 
-def _import_class(path: str, kind: str) -> type:
-    module, _, attr = path.partition(":")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise RegistrationError(f"{kind} registry: cannot resolve its base class {path!r} ({exc})") from None
+def _resolve_class(path: str, kind: str) -> type:
+    """``"package.module:Class"`` from the already imported module (the modules registering entries import their
+    base class, so it is imported by the time the first entry registers)."""
+    module_name, _, attr = path.partition(":")
+    module = sys.modules.get(module_name)
+    if module is None:
+        raise RegistrationError(f"{kind} registry: its base class {path!r} is in a module not imported yet")
+    cls = getattr(module, attr, None)
     if not inspect.isclass(cls):
-        raise RegistrationError(f"{kind} registry: base class {path!r} is not a class")
+        raise RegistrationError(f"{kind} registry: cannot resolve its base class {path!r}")
     return cls
 
 
 # The project's registries. Entries are registered by the modules that define them; ``equicore`` imports those
-# modules on import so a lookup by name always sees every built-in entry. Base classes are named by import path:
-# their modules import this one.
+# modules on import so a lookup by name always sees every built-in entry. Base classes are named by import path
+# (their modules import this one) and resolved when the first entry registers.
 TRANSFORMS: Registry[Any] = Registry("transform", base_cls="equicore.transforms.base:InvertibleTransform")
 ATTACKS: Registry[Any] = Registry("attack", base_cls="equicore.attacks.attack:Attack")
-LOSSES: Registry[Any] = Registry("attack loss", base_cls="collections.abc:Callable")
+LOSSES: Registry[Any] = Registry("attack loss", base_cls=Callable)
 DEFENSES: Registry[Any] = Registry("defense", base_cls="equicore.defenses.base:Defense")
 METRICS: Registry[Any] = Registry("metric", base_cls="equicore.metrics.base:MetricState")
 MODELS: Registry[Any] = Registry("model", base_cls="torch.nn:Module")

@@ -7,7 +7,6 @@ Images are resized bilinearly and labels by nearest neighbour to 340 x 680 (H x 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -106,12 +105,6 @@ class CityscapesDataset(SampleDataset):
         # Map before resizing: nearest-neighbour resize then only moves valid trainIds and 255 around.
         train_ids = resize_labels(label_ids_to_train_ids(label_ids), self._hw)
         return Sample(self.sample_id(index), image_to_tensor(img), torch.from_numpy(train_ids.astype(np.int64)))
-
-    def _options(self) -> dict[str, Any]:
-        return {"size": list(self._hw)}
-
-    def _data_digest(self) -> str:
-        return self._digest
 
 
 @DATASETS.register("cityscapes", task="segmentation", modules=_MODULES)

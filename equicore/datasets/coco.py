@@ -207,9 +207,6 @@ class CocoDataset(SampleDataset):
         mapping = array_digest(np.asarray(self.index.mapping, dtype=str))
         return {"size": list(self._hw), "include_crowd": self._include_crowd, "classes": mapping}
 
-    def _data_digest(self) -> str:
-        return self._digest
-
 
 def _open(
     root: str,

@@ -155,9 +155,6 @@ class ArrayClassificationDataset(SampleDataset):
     def _options(self) -> dict[str, Any]:
         return self._opts
 
-    def _data_digest(self) -> str:
-        return self._digest
-
 
 @DATASETS.register("fashion_mnist", task="classification", modules=_MODULES)
 def fashion_mnist(

@@ -110,9 +110,6 @@ class ImageNetFolder(SampleDataset):
     def _options(self) -> dict[str, Any]:
         return self._opts
 
-    def _data_digest(self) -> str:
-        return self._digest
-
 
 @DATASETS.register("imagenet", task="classification", modules=_MODULES)
 def imagenet(

@@ -8,7 +8,6 @@ were re-saved as RGB are mapped back through the VOC colour map.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -128,12 +127,6 @@ class VOCSegmentation(SampleDataset):
         img = resize_image(img, self._hw)
         label = resize_labels(label, self._hw)
         return Sample(self.sample_id(index), image_to_tensor(img), torch.from_numpy(label.astype(np.int64)))
-
-    def _options(self) -> dict[str, Any]:
-        return {"size": list(self._hw)}
-
-    def _data_digest(self) -> str:
-        return self._digest
 
 
 @DATASETS.register("voc", task="segmentation", modules=_MODULES)

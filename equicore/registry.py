@@ -65,11 +65,12 @@ class Registry(Generic[T]):
         return self._base_cls
 
     def register(
-        self, name: str, *, version: str = DEFAULT_VERSION, modules: Sequence[str] = (), **meta: Any
+        self, name: str, *, version: str | int = DEFAULT_VERSION, modules: Sequence[str] = (), **meta: Any
     ) -> Callable[[Callable[..., T]], Callable[..., T]]:
         """Decorator: ``@ATTACKS.register("pgd")``. ``meta`` is free-form (e.g. ``tasks=("classification",)``);
-        ``version`` is stored in it. ``modules``: import names of the modules the entry's maths live in besides the
-        one defining the factory (a shared loop, its loss, seeding...)."""
+        ``version`` (a string; an int is taken as its string) is stored in it. ``modules``: import names of the
+        modules the entry's maths live in besides the one defining the factory (a shared loop, its loss, seeding...).
+        """
 
         def decorator(factory: Callable[..., T]) -> Callable[..., T]:
             self.add(name, factory, version=version, modules=modules, **meta)
@@ -82,7 +83,7 @@ class Registry(Generic[T]):
         name: str,
         factory: Callable[..., T],
         *,
-        version: str = DEFAULT_VERSION,
+        version: str | int = DEFAULT_VERSION,
         modules: Sequence[str] = (),
         **meta: Any,
     ) -> RegistryEntry:
@@ -91,7 +92,7 @@ class Registry(Generic[T]):
             raise RegistrationError(f"{self.kind}: entry names are non-empty strings, got {name!r}")
         if name in self._entries:
             raise RegistrationError(f"{self.kind} {name!r} is registered twice")
-        if not isinstance(version, str) or not version:
+        if isinstance(version, bool) or not isinstance(version, str | int) or not str(version):
             raise RegistrationError(f"{self.kind} {name!r}: version must be a non-empty string, got {version!r}")
         self._check_factory(name, factory)
         declared = (modules,) if isinstance(modules, str) else tuple(modules)
@@ -100,7 +101,7 @@ class Registry(Generic[T]):
         home = getattr(factory, "__module__", None)
         if not isinstance(home, str):
             raise RegistrationError(f"{self.kind} {name!r}: {factory!r} has no defining module")
-        entry = RegistryEntry(name, factory, {**meta, "version": version}, tuple(dict.fromkeys((home, *declared))))
+        entry = RegistryEntry(name, factory, {**meta, "version": str(version)}, tuple(dict.fromkeys((home, *declared))))
         self._entries[name] = entry
         return entry
 

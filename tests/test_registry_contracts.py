@@ -258,13 +258,16 @@ def test_a_typed_registry_refuses_what_it_does_not_hold() -> None:
 
 def test_registration_checks_versions_modules_and_names() -> None:
     reg: Registry = Registry("widget")
-    with pytest.raises(RegistrationError, match="version must be a non-empty string"):
-        reg.register("a", version=2)(lambda: 1)  # type: ignore[arg-type]
+    for bad in ("", True, 1.5, None):
+        with pytest.raises(RegistrationError, match="version must be a non-empty string"):
+            reg.register("a", version=bad)(lambda: 1)  # type: ignore[arg-type]
     with pytest.raises(RegistrationError, match="modules must be import names"):
         reg.register("b", modules=("equicore/seeding.py",))(lambda: 1)
     with pytest.raises(RegistrationError, match="non-empty strings"):
         reg.register("")(lambda: 1)
     assert len(reg) == 0
+    reg.register("a", version=2)(lambda: 1)
+    assert reg.version("a") == "2" == reg.meta("a")["version"] and reg.code_version("a").startswith("2:")
 
 
 def test_an_untyped_registry_keeps_the_old_api() -> None:

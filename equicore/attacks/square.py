@@ -13,6 +13,8 @@ Differences from the reference, all deliberate:
 - the clean image is the first query, and it counts: an image already on the wrong side (margin < 0) spends
   exactly one query and is returned unchanged (the reference filters such images outside its budget);
 - success is margin < 0 strictly (the reference stops at margin <= 0: a tie is not a misclassification here).
+
+:func:`defended_square` runs a registered Square attack on the scores of a defended model (``run_attack`` calls it).
 """
 
 from __future__ import annotations

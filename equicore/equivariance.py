@@ -13,10 +13,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from equicore.registry import Registry
 from equicore.seeding import generator as make_generator
 from equicore.transforms.base import InvertibleTransform, Params
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+
+# Name -> consistency objective ``[B]`` of a ``ViewFeatures`` (the entries are the functions themselves: look them up
+# with ``OBJECTIVES[name]`` or ``OBJECTIVES.get(name)``; there is nothing to build).
+OBJECTIVES: Registry[torch.Tensor] = Registry("consistency objective")
 
 
 def sample_view_params(views: Sequence[InvertibleTransform], seed: int, in_size: tuple[int, int]) -> list[Params]:
@@ -88,6 +93,7 @@ def view_features(
     return ViewFeatures(ref, inverted, masks, transformed, forwards)
 
 
+@OBJECTIVES.register("equivariance")
 def equivariance_score(vf: ViewFeatures) -> torch.Tensor:
     """Paper eq. 2 as a mean (not a sum) over views: ``[B]`` in [-1, 1]; higher is more equivariant. Averaging keeps
     the objective's scale independent of K and of batch size (each sample's score is its own)."""
@@ -109,6 +115,7 @@ def _masked_mean(cos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (cos * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1.0)
 
 
+@OBJECTIVES.register("invariance")
 def invariance_score(vf: ViewFeatures) -> torch.Tensor:
     """The invariance baseline: cosine of globally average-pooled features of g_i(x) and x, mean over views."""
 
@@ -117,12 +124,6 @@ def invariance_score(vf: ViewFeatures) -> torch.Tensor:
 
     ref = pool(vf.reference)
     return torch.stack([F.cosine_similarity(pool(t), ref, dim=1, eps=1e-8) for t in vf.transformed]).mean(0)
-
-
-OBJECTIVES: dict[str, Callable[[ViewFeatures], torch.Tensor]] = {
-    "equivariance": equivariance_score,
-    "invariance": invariance_score,
-}
 
 
 def consistency_score(

@@ -14,6 +14,11 @@ class UnknownNameError(EquirobustError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class RegistrationError(EquirobustError, TypeError, ValueError):
+    """A registry entry that is not what its registry holds (wrong base class, not callable, a duplicate name), or
+    a built entry of the wrong type. A programming error, raised when the entry is registered or built."""
+
+
 class InvalidInputError(EquirobustError, ValueError):
     """A tensor, parameter or file does not satisfy what the function expects."""
 

@@ -19,13 +19,12 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from equicore.adapters import build_adapter
+from equicore.adapters import InstanceAdapter, build_adapter
 from equicore.attacks import build_attack, build_loss, run_attack
 from equicore.datasets.base import masks_to_boxes
 from equicore.defenses import build_defense
 from equicore.equivariance import equivariance_score, sample_view_params, view_features
 from equicore.errors import EquirobustError, InvalidInputError
-from equicore.instance import InstanceAdapter
 from equicore.metrics import MaskAPState, merge_all, state_from_dict
 from equicore.registry import METRICS, MODELS
 from equicore.transforms import build_views

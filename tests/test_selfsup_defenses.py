@@ -14,6 +14,8 @@ from equicore import heads as H
 from equicore.adapters import ClassificationAdapter, TaskAdapter, build_adapter
 from equicore.defenses import ContrastiveDefense, RotationDefense, build_defense
 from equicore.errors import CheckpointError, EquirobustError, InvalidInputError
+from equicore.heads import cache as head_cache
+from equicore.heads import format as head_format
 from equicore.models.checkpoint import read_card, save_checkpoint, weights_digest
 from equicore.models.common import WEIGHTS_DIR
 from equicore.registry import DATASETS, MODELS
@@ -205,7 +207,7 @@ def test_missing_head_files_name_the_path_and_the_command(tmp_path: Path, monkey
         build_defense("rotation", head=str(missing))
     assert str(missing) in one_line(e) and "equi train-head rotation" in str(e.value)
 
-    monkeypatch.setattr(H, "HEADS_DIR", tmp_path / "heads")
+    monkeypatch.setattr(head_format, "HEADS_DIR", tmp_path / "heads")  # where shipped heads are looked up
     adapter = shipped_adapter("lenet5_mnist_adv")
     for kind in SELF_SUPERVISED:
         with pytest.raises(CheckpointError) as e:
@@ -287,7 +289,7 @@ def test_a_head_file_is_read_once_per_model(selfsup_heads, monkeypatch) -> None:
     H.clear_head_cache()
     calls = []
     original = H.read_head
-    monkeypatch.setattr(H, "read_head", lambda *a, **k: calls.append(a) or original(*a, **k))
+    monkeypatch.setattr(head_cache, "read_head", lambda *a, **k: calls.append(a) or original(*a, **k))
     s = make_task("segmentation", n=2)
     d = build_defense("contrastive", head=selfsup_heads[("contrastive", "segmentation")], steps=2, eps_v=8.0)
     d.purify(s.adapter, s.x, [1, 2])

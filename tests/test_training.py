@@ -66,7 +66,7 @@ def test_recipes_are_complete():
     for name in RECIPE_NAMES:
         r = T.get_recipe(name)
         assert name in T.RECIPES and r.name == name and T.RECIPES.build(name) is r
-        assert T.RECIPES.meta(name) == {"model": r.model, "task": r.task}
+        assert T.RECIPES.meta(name) == {"model": r.model, "task": r.task, "version": "1"}
         assert r.model in MODELS and r.dataset in DATASETS
         assert r.train_split == "train" and r.test_split == "test"
         assert r.epochs >= 1 and r.batch_size >= 2 and r.output.endswith(".pt")

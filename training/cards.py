@@ -222,7 +222,7 @@ def render_head_cards(folder: str | os.PathLike[str] | None = None) -> list[str]
         "",
         "## Self-supervised defense heads",
         "",
-        "Heads of the `rotation` and `contrastive` defenses (`equicore/heads.py`), trained by `equi train-head KIND "
+        "Heads of the `rotation` and `contrastive` defenses (`equicore/heads/`), trained by `equi train-head KIND "
         "MODEL` on the frozen model's features (its TRAINING split) and stored in `heads/<model>.<kind>.pt`. A "
         "defense refuses a head whose recorded backbone weights digest or feature layer differs from the model's. "
         "Held-out figures are measured on the **test** split.",

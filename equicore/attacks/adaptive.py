@@ -26,6 +26,7 @@ from equicore.equivariance import OBJECTIVES, sample_view_params, view_features
 from equicore.errors import InvalidInputError
 from equicore.seeding import derive_seed
 from equicore.transforms import build_views
+from equicore.validation import check_positive_int
 
 
 class BPDALoss:
@@ -46,8 +47,7 @@ class BPDALoss:
         eot: int = 1,
         calls: list[int] | None = None,
     ) -> None:
-        if isinstance(eot, bool) or not isinstance(eot, int) or eot < 1:
-            raise InvalidInputError(f"bpda.eot: expected an integer >= 1, got {eot!r}")
+        check_positive_int(eot, "bpda.eot")
         self.task_loss, self.defense, self.adapter, self.seeds, self.eot = task_loss, defense, adapter, seeds, eot
         self.draws = eot if defense.randomized else 1
         self.calls = calls if calls is not None else [0]

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from equicore.attacks.loop import LossFn, per_sample_norm
-from equicore.errors import InvalidInputError
+from equicore.attacks.loop import LossFn, loss_and_gradient, per_sample_norm
 from equicore.seeding import per_sample_draw
 
 # Checkpoint schedule of the reference, as fractions of the iteration budget.
@@ -38,15 +37,7 @@ class APGDResult:
 
 
 def _evaluate(loss_fn: LossFn, x_adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    x_adv = x_adv.detach().requires_grad_(True)
-    loss = loss_fn(x_adv)
-    if loss.ndim != 1 or loss.shape[0] != x_adv.shape[0]:
-        raise InvalidInputError(
-            f"attack loss: expected one value per sample [{x_adv.shape[0]}], got {tuple(loss.shape)}"
-        )
-    (grad,) = torch.autograd.grad(loss.sum(), x_adv)
-    if not torch.isfinite(grad).all():
-        raise InvalidInputError("attack gradient: contains NaN or Inf")
+    loss, grad = loss_and_gradient(loss_fn, x_adv.detach().requires_grad_(True))
     fooled = getattr(loss_fn, "fooled", None)
     return loss.detach(), grad.detach(), (fooled.detach().clone() if fooled is not None else None)
 

@@ -38,6 +38,8 @@ from equicore.errors import InvalidInputError
 from equicore.registry import LOSSES
 
 SPHERICAL_SCORES = ("logits", "probs")
+# Every registered loss is called through ``losses.BoundLoss``.
+_MODULES = ("equicore.attacks.losses",)
 
 
 def _check_task(name: str, adapter: TaskAdapter) -> int:
@@ -94,7 +96,7 @@ def _class_counts(safe: torch.Tensor, valid: torch.Tensor, num_classes: int, dty
     return counts.scatter_add_(1, safe.flatten(1), valid.flatten(1).to(dtype))
 
 
-@LOSSES.register("masked_ce", tasks=("segmentation",))
+@LOSSES.register("masked_ce", tasks=("segmentation",), modules=_MODULES)
 def masked_cross_entropy_loss(adapter: TaskAdapter, labels: torch.Tensor, targeted: bool = False) -> LossFn:
     """SEA's masked cross-entropy (``mask-ce-avg``): per-pixel CE counted only on pixels the current iterate still
     classifies correctly, so the attack stops spending effort on pixels already flipped.
@@ -122,7 +124,7 @@ def masked_cross_entropy_loss(adapter: TaskAdapter, labels: torch.Tensor, target
     return loss_fn
 
 
-@LOSSES.register("masked_ce_balanced", tasks=("segmentation",))
+@LOSSES.register("masked_ce_balanced", tasks=("segmentation",), modules=_MODULES)
 def masked_balanced_cross_entropy_loss(
     adapter: TaskAdapter,
     labels: torch.Tensor,
@@ -181,7 +183,7 @@ def masked_balanced_cross_entropy_loss(
     return loss_fn
 
 
-@LOSSES.register("js", tasks=("segmentation",))
+@LOSSES.register("js", tasks=("segmentation",), modules=_MODULES)
 def jensen_shannon_loss(adapter: TaskAdapter, labels: torch.Tensor, targeted: bool = False) -> LossFn:
     """SEA's Jensen-Shannon loss (``js-avg``): the JS divergence between the softmax ``p_i`` and the one-hot label,
     per pixel, averaged over labelled pixels (no mask: it saturates by itself, at ``log 2``, once a pixel's
@@ -210,7 +212,7 @@ def jensen_shannon_loss(adapter: TaskAdapter, labels: torch.Tensor, targeted: bo
     return loss_fn
 
 
-@LOSSES.register("masked_spherical", tasks=("segmentation",))
+@LOSSES.register("masked_spherical", tasks=("segmentation",), modules=_MODULES)
 def masked_spherical_loss(
     adapter: TaskAdapter, labels: torch.Tensor, targeted: bool = False, scores: str = "logits"
 ) -> LossFn:

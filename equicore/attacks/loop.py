@@ -29,6 +29,19 @@ def project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     return delta * torch.clamp(eps / (n + 1e-12), max=1.0)
 
 
+def loss_and_gradient(loss_fn: LossFn, x_adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-sample loss ``[B]`` at ``x_adv`` (which requires grad) and the gradient of its sum, checked: one value
+    per sample, a finite gradient."""
+    loss = loss_fn(x_adv)
+    if loss.ndim != 1 or loss.shape[0] != x_adv.shape[0]:
+        raise InvalidInputError(
+            f"attack loss: expected one value per sample [{x_adv.shape[0]}], got {tuple(loss.shape)}"
+        )
+    (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+    check_finite(grad, "attack gradient")
+    return loss, grad
+
+
 def random_start(x: torch.Tensor, eps: float, norm: str, seeds: Sequence[int]) -> torch.Tensor:
     """A uniform draw in the Linf ball, or a uniform direction scaled by radius ~ U^(1/d) in the L2 ball."""
     if norm == "linf":
@@ -73,14 +86,7 @@ def projected_gradient(
     delta = (x + delta).clamp(0, 1) - x
     velocity = torch.zeros_like(x)
     for _ in range(steps):
-        x_adv = (x + delta).requires_grad_(True)
-        loss = loss_fn(x_adv)
-        if loss.ndim != 1 or loss.shape[0] != x.shape[0]:
-            raise InvalidInputError(
-                f"attack loss: expected one value per sample [{x.shape[0]}], got {tuple(loss.shape)}"
-            )
-        (grad,) = torch.autograd.grad(loss.sum(), x_adv)
-        check_finite(grad, "attack gradient")
+        _, grad = loss_and_gradient(loss_fn, (x + delta).requires_grad_(True))
         if momentum is not None:
             velocity = momentum * velocity + grad / (per_sample_norm(grad, 1) + 1e-12)
             grad = velocity

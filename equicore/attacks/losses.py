@@ -16,7 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from equicore.adapters import TaskAdapter, pixel_cross_entropy
+from equicore.adapters.base import TaskAdapter
+from equicore.adapters.segmentation import pixel_cross_entropy
 from equicore.attacks.loop import LossFn
 from equicore.errors import InvalidInputError
 from equicore.registry import LOSSES
@@ -76,7 +77,10 @@ class LogitLoss:
         return self.value(logits)
 
 
-@LOSSES.register("ce", tasks=("classification", "segmentation", "instance"))
+# The pixel cross-entropy lives with the segmentation adapter (its task loss).
+@LOSSES.register(
+    "ce", tasks=("classification", "segmentation", "instance"), modules=("equicore.adapters.segmentation",)
+)
 def cross_entropy_loss(adapter: TaskAdapter, labels: torch.Tensor, targeted: bool = False) -> LossFn:
     """Cross-entropy (pixel-wise with ``ignore_index`` for segmentation); negated towards a target.
 

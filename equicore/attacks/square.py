@@ -13,6 +13,8 @@ Differences from the reference, all deliberate:
 - the clean image is the first query, and it counts: an image already on the wrong side (margin < 0) spends
   exactly one query and is returned unchanged (the reference filters such images outside its budget);
 - success is margin < 0 strictly (the reference stops at margin <= 0: a tie is not a misclassification here).
+
+:func:`defended_square` runs a registered Square attack on the scores of a defended model (``run_attack`` calls it).
 """
 
 from __future__ import annotations
@@ -21,12 +23,18 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from equicore.errors import InvalidInputError
 from equicore.seeding import as_seed_list, derive_seed, generator
 from equicore.validation import check_eps, check_images, check_positive_int
+
+if TYPE_CHECKING:
+    from equicore.adapters import TaskAdapter
+    from equicore.attacks.attack import Attack
+    from equicore.defenses.base import Defense
 
 # (x_subset, idx) -> one margin per row of x_subset; idx holds the rows' positions in the attacked batch.
 MarginFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -292,3 +300,33 @@ def square_attack(
         x_best[idx] = torch.where(better.view(-1, 1, 1, 1), cand, x_best[idx])
         margin[idx] = torch.where(better, m, margin[idx])
     return SquareResult(x_best, queries, margin < 0)
+
+
+def defended_square(
+    attack: Attack, adapter: TaskAdapter, x: torch.Tensor, y: Any, seeds: list[int], defense: Defense | None
+) -> torch.Tensor:
+    """``attack`` (a Square :class:`~equicore.attacks.attack.Attack`) on the scores of the defended model: the defense,
+    when given, runs inside every query; a randomised defense is drawn afresh per query, from the image's own seed."""
+    if adapter.task != "classification" or not isinstance(y, torch.Tensor) or y.ndim != 1:
+        raise InvalidInputError(f"{attack.name}: the Square attack is defined for classification, not {adapter.task}")
+    calls = [0]
+
+    def defended_logits(xs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if defense is None:
+            return adapter.logits(xs)
+        call = calls[0]
+        calls[0] += 1
+        draw = [derive_seed(seeds[i], "square-query", call) for i in idx.tolist()]
+        with torch.enable_grad():  # an optimising defense differentiates its own objective
+            purified = defense.purify(adapter, xs, draw)
+        return adapter.logits(purified)
+
+    return square_attack(
+        margin_loss(defended_logits, y, with_indices=True),
+        x,
+        eps=attack.eps,
+        n_queries=attack.n_queries,
+        p_init=attack.p_init,
+        norm=attack.norm,
+        seeds=seeds,
+    ).x_adv

@@ -13,10 +13,10 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ TASKS = ("classification", "segmentation", "instance")
 IGNORE_INDEX = 255
 
 # Photos are decoded fully (``load``) so a truncated file fails here, naming the file, not later in a batch.
+T = TypeVar("T")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
@@ -44,7 +45,8 @@ class SampleDataset(Sequence[Sample]):
     """A random-access sequence of ``Sample`` s with the metadata the pipeline needs.
 
     Subclasses set ``name``, ``task``, ``num_classes``, ``class_names``, ``ignore_index``, ``split`` and implement
-    ``__len__``, ``sample_id`` and ``_load``; ``_options`` and ``_data_digest`` feed ``fingerprint``.
+    ``__len__``, ``sample_id`` and ``_load``; ``_options`` and ``_data_digest`` feed ``fingerprint``: by default the
+    output size ``_hw`` when a subclass sets it, and the digest ``_digest`` it computed of its files.
     """
 
     name: str = "dataset"
@@ -56,6 +58,8 @@ class SampleDataset(Sequence[Sample]):
     split_note: str = ""  # provenance of the split when it matters for reading results (e.g. MNIST train digits)
 
     _fingerprint: str | None = None
+    _hw: tuple[int, int] | None = None  # output (H, W) when the dataset resizes
+    _digest: str = ""  # digest of the underlying files or arrays
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -67,10 +71,10 @@ class SampleDataset(Sequence[Sample]):
         raise NotImplementedError
 
     def _options(self) -> dict[str, Any]:
-        return {}
+        return {"size": list(self._hw)} if self._hw is not None else {}
 
     def _data_digest(self) -> str:
-        return ""
+        return self._digest
 
     @property
     def sample_ids(self) -> list[str]:
@@ -162,29 +166,26 @@ def check_inside(path: Path, root: Path | None) -> Path:
 def read_image(path: Path, mode: str = "RGB", root: Path | None = None) -> Image.Image:
     """Decode ``path`` fully and convert to ``mode``; DatasetError naming the file when it cannot be decoded or
     when it lies outside the dataset ``root`` (see :func:`check_inside`)."""
-    check_inside(path, root)
-    if not path.is_file():
-        raise DatasetError(f"{path}: image file not found")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert(mode)
-    except _DECODE_ERRORS as exc:
-        raise DatasetError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
+    return _decoded(path, root, "image", lambda img: img.convert(mode))
 
 
 def read_label_raw(path: Path, root: Path | None = None) -> tuple[str, np.ndarray]:
     """(PIL mode, raw pixel array) of a label image; DatasetError naming the file when missing or undecodable (or
     outside the dataset ``root``)."""
+    return _decoded(path, root, "label", lambda img: (img.mode, np.asarray(img)), "label image")
+
+
+def _decoded(path: Path, root: Path | None, what: str, read: Callable[[Image.Image], T], decoded: str = "") -> T:
+    """``read`` of the fully decoded image at ``path``, inside ``root``; DatasetError naming the file otherwise."""
     check_inside(path, root)
     if not path.is_file():
-        raise DatasetError(f"{path}: label file not found")
+        raise DatasetError(f"{path}: {what} file not found")
     try:
         with Image.open(path) as img:
             img.load()
-            return img.mode, np.asarray(img)
+            return read(img)
     except _DECODE_ERRORS as exc:
-        raise DatasetError(f"{path}: cannot decode label image ({type(exc).__name__}: {exc})") from None
+        raise DatasetError(f"{path}: cannot decode {decoded or what} ({type(exc).__name__}: {exc})") from None
 
 
 def read_label_map(path: Path, root: Path | None = None) -> np.ndarray:

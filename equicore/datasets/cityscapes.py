@@ -7,7 +7,6 @@ Images are resized bilinearly and labels by nearest neighbour to 340 x 680 (H x 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +28,9 @@ from equicore.datasets.base import (
 )
 from equicore.errors import DatasetError
 from equicore.registry import DATASETS
+
+# Where this dataset's loading code lives besides this module (for its code identity).
+_MODULES = ("equicore.datasets.base",)
 
 CITYSCAPES_CLASSES = (
     "road",
@@ -104,14 +106,8 @@ class CityscapesDataset(SampleDataset):
         train_ids = resize_labels(label_ids_to_train_ids(label_ids), self._hw)
         return Sample(self.sample_id(index), image_to_tensor(img), torch.from_numpy(train_ids.astype(np.int64)))
 
-    def _options(self) -> dict[str, Any]:
-        return {"size": list(self._hw)}
 
-    def _data_digest(self) -> str:
-        return self._digest
-
-
-@DATASETS.register("cityscapes", task="segmentation")
+@DATASETS.register("cityscapes", task="segmentation", modules=_MODULES)
 def cityscapes(root: str, split: str = "val", size: int | tuple[int, int] = (340, 680)) -> CityscapesDataset:
     """Cityscapes ``root`` (holding leftImg8bit/ and gtFine/); 19 classes, ignore 255; ``size`` = (H, W)."""
     base = require_dir(root, "Cityscapes")

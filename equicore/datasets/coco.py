@@ -42,6 +42,9 @@ from equicore.datasets.base import (
 from equicore.errors import DatasetError
 from equicore.registry import DATASETS
 
+# Where this dataset's loading code lives besides this module (for its code identity).
+_MODULES = ("equicore.datasets.base",)
+
 BACKGROUND_NAMES = {"background", "_background_", "__background__"}
 
 
@@ -204,9 +207,6 @@ class CocoDataset(SampleDataset):
         mapping = array_digest(np.asarray(self.index.mapping, dtype=str))
         return {"size": list(self._hw), "include_crowd": self._include_crowd, "classes": mapping}
 
-    def _data_digest(self) -> str:
-        return self._digest
-
 
 def _open(
     root: str,
@@ -226,7 +226,7 @@ def _open(
     return CocoIndex(ann, categories), imgs
 
 
-@DATASETS.register("coco", task="segmentation")
+@DATASETS.register("coco", task="segmentation", modules=_MODULES)
 def coco(
     root: str,
     split: str = "val2017",
@@ -244,7 +244,7 @@ def coco(
     return CocoDataset(index, imgs, split, "segmentation", as_hw(size, "coco"), include_crowd=False)
 
 
-@DATASETS.register("coco_instances", task="instance")
+@DATASETS.register("coco_instances", task="instance", modules=_MODULES)
 def coco_instances(
     root: str,
     split: str = "val2017",

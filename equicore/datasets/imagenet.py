@@ -26,6 +26,9 @@ from equicore.datasets.base import (
 from equicore.errors import DatasetError
 from equicore.registry import DATASETS
 
+# Where this dataset's loading code lives besides this module (for its code identity).
+_MODULES = ("equicore.datasets.base",)
+
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 
 
@@ -107,11 +110,8 @@ class ImageNetFolder(SampleDataset):
     def _options(self) -> dict[str, Any]:
         return self._opts
 
-    def _data_digest(self) -> str:
-        return self._digest
 
-
-@DATASETS.register("imagenet", task="classification")
+@DATASETS.register("imagenet", task="classification", modules=_MODULES)
 def imagenet(
     root: str,
     split: str = "val",

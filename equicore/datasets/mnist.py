@@ -27,6 +27,9 @@ from equicore.datasets.fashion_mnist import ArrayClassificationDataset
 from equicore.errors import DatasetError
 from equicore.registry import DATASETS
 
+# Where this dataset's loading code lives besides this module (for its code identity).
+_MODULES = ("equicore.datasets.base", "equicore.datasets.fashion_mnist")
+
 MNIST_CLASSES = tuple(str(d) for d in range(10))
 MNIST_CSV = "mnist_5k.csv.gz"
 _PNG_RE = re.compile(r"^mnist_(\d+)_(\d+)\.png$")
@@ -106,7 +109,7 @@ def _read_pngs(folder: Path) -> tuple[np.ndarray, np.ndarray, list[int], list[Pa
     return np.stack(images), np.asarray(labels, dtype=np.uint8), numbers, files
 
 
-@DATASETS.register("mnist", task="classification")
+@DATASETS.register("mnist", task="classification", modules=_MODULES)
 def mnist(
     root: str | None = None,
     split: str = "test",

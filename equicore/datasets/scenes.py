@@ -47,6 +47,9 @@ from equicore.errors import DatasetError
 from equicore.registry import DATASETS
 from equicore.seeding import derive_seed
 
+# Where this dataset's loading code lives besides this module (for its code identity).
+_MODULES = ("equicore.datasets.base", "equicore.datasets.fashion_mnist", "equicore.seeding")
+
 # Bump when the composition changes: it is part of the fingerprint and of the cache key.
 SCENE_VERSION = 1
 SCENE_CLASSES = ("background", *FASHION_CLASSES)
@@ -333,7 +336,7 @@ def _build(task: str, **kw: Any) -> FashionScenes:
     return FashionScenes(scene_config(**kw), task, data_dir, fashion_root, cache)
 
 
-@DATASETS.register("fashion_scenes", task="segmentation")
+@DATASETS.register("fashion_scenes", task="segmentation", modules=_MODULES)
 def fashion_scenes(
     root: str | None = None,
     split: str = "train",
@@ -369,7 +372,7 @@ def fashion_scenes(
     )
 
 
-@DATASETS.register("fashion_scenes_instances", task="instance")
+@DATASETS.register("fashion_scenes_instances", task="instance", modules=_MODULES)
 def fashion_scenes_instances(
     root: str | None = None,
     split: str = "train",

@@ -8,7 +8,6 @@ were re-saved as RGB are mapped back through the VOC colour map.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +31,9 @@ from equicore.datasets.base import (
 )
 from equicore.errors import DatasetError
 from equicore.registry import DATASETS
+
+# Where this dataset's loading code lives besides this module (for its code identity).
+_MODULES = ("equicore.datasets.base",)
 
 VOC_CLASSES = (
     "background",
@@ -126,14 +128,8 @@ class VOCSegmentation(SampleDataset):
         label = resize_labels(label, self._hw)
         return Sample(self.sample_id(index), image_to_tensor(img), torch.from_numpy(label.astype(np.int64)))
 
-    def _options(self) -> dict[str, Any]:
-        return {"size": list(self._hw)}
 
-    def _data_digest(self) -> str:
-        return self._digest
-
-
-@DATASETS.register("voc", task="segmentation")
+@DATASETS.register("voc", task="segmentation", modules=_MODULES)
 def voc(root: str, split: str = "val", size: int | tuple[int, int] = 480) -> VOCSegmentation:
     """VOC ``root`` (the VOC2012 folder); 21 classes, ignore 255, 3 x 480 x 480; ``split`` names the ImageSets list."""
     base = require_dir(root, "PASCAL VOC")

@@ -1,16 +1,19 @@
 """Defenses: vanilla, random noise, the optimisation defenses (equivariance, invariance) and the self-supervised
-baselines (rotation, contrastive)."""
+baselines (rotation, contrastive).
+
+- ``base``: :class:`Defense`; ``budget``: the eps_v budget every purifying defense shares;
+- ``optimising``: Algorithm 1 and :class:`OptimizingDefense`, the base of every defense that runs it;
+- ``view_based``: :class:`ViewOptimizingDefense`, the base of those whose objective compares views;
+- ``simple``, ``consistency``, ``selfsup``: the registered defenses.
+"""
 
 from equicore.defenses.base import Defense
-from equicore.defenses.consistency import (
-    ConsistencyDefense,
-    EquivarianceDefense,
-    InvarianceDefense,
-    OptimizingDefense,
-    optimize_objective,
-)
+from equicore.defenses.budget import check_budget, resolve_eps_v
+from equicore.defenses.consistency import ConsistencyDefense, EquivarianceDefense, InvarianceDefense
+from equicore.defenses.optimising import OptimizingDefense, optimize_objective
 from equicore.defenses.selfsup import ContrastiveDefense, RotationDefense, SelfSupervisedDefense
 from equicore.defenses.simple import RandomNoise, Vanilla
+from equicore.defenses.view_based import ViewOptimizingDefense
 from equicore.registry import DEFENSES
 
 
@@ -29,6 +32,9 @@ __all__ = [
     "RotationDefense",
     "SelfSupervisedDefense",
     "Vanilla",
+    "ViewOptimizingDefense",
     "build_defense",
+    "check_budget",
     "optimize_objective",
+    "resolve_eps_v",
 ]

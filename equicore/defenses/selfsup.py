@@ -26,7 +26,8 @@ from typing import Any, ClassVar
 import torch
 
 from equicore.adapters import TaskAdapter
-from equicore.defenses.consistency import OptimizingDefense, ViewOptimizingDefense, ViewSpec
+from equicore.defenses.optimising import OptimizingDefense
+from equicore.defenses.view_based import ViewOptimizingDefense, ViewSpec
 from equicore.errors import InvalidInputError
 from equicore.heads import (
     HEADS_DIR,
@@ -40,6 +41,24 @@ from equicore.heads import (
     rotation_loss,
 )
 from equicore.registry import DEFENSES
+from equicore.transforms import TRANSFORM_MODULES
+
+# Where the maths of the self-supervised defenses live besides this module: Algorithm 1 and its budget, the head
+# network and its objectives (the head file itself is in ``params()["head_files"]``); contrastive adds the views.
+ROTATION_MODULES = (
+    "equicore.defenses.base",
+    "equicore.defenses.budget",
+    "equicore.defenses.optimising",
+    "equicore.heads.format",
+    "equicore.heads.losses",
+    "equicore.seeding",
+)
+CONTRASTIVE_MODULES = (
+    *ROTATION_MODULES,
+    "equicore.defenses.view_based",
+    "equicore.equivariance",
+    *TRANSFORM_MODULES,
+)
 
 
 @dataclass(frozen=True)
@@ -99,7 +118,7 @@ class SelfSupervisedDefense(OptimizingDefense):
         return lambda f: art.on(f.device, f.dtype)[0](f)
 
 
-@DEFENSES.register("rotation")
+@DEFENSES.register("rotation", modules=ROTATION_MODULES)
 @dataclass(frozen=True)
 class RotationDefense(SelfSupervisedDefense):
     """Shi et al. (ICLR 2021): restore the model's rotation-prediction ability (4 rotations, per image)."""
@@ -113,7 +132,7 @@ class RotationDefense(SelfSupervisedDefense):
         return -rotation_loss(self._feature_fn(adapter, art), self._head_fn(art), x)
 
 
-@DEFENSES.register("contrastive")
+@DEFENSES.register("contrastive", modules=CONTRASTIVE_MODULES)
 @dataclass(frozen=True)
 class ContrastiveDefense(SelfSupervisedDefense, ViewOptimizingDefense):
     """Mao et al. (ICCV 2021): restore the SimCLR structure between an image and its augmented views.

@@ -9,13 +9,15 @@ import torch
 
 from equicore.adapters import TaskAdapter
 from equicore.defenses.base import Defense
-from equicore.errors import InvalidInputError
+from equicore.defenses.budget import check_budget, require_eps_v, resolve_eps_v
 from equicore.registry import DEFENSES
 from equicore.seeding import as_seed_list, per_sample_draw
-from equicore.validation import check_eps, check_images
+from equicore.validation import check_images
+
+__all__ = ["RandomNoise", "Vanilla", "resolve_eps_v"]
 
 
-@DEFENSES.register("vanilla")
+@DEFENSES.register("vanilla", modules=("equicore.defenses.base",))
 @dataclass(frozen=True)
 class Vanilla(Defense):
     name = "vanilla"
@@ -24,11 +26,7 @@ class Vanilla(Defense):
         return check_images(x, "defense input").detach()
 
 
-def resolve_eps_v(eps_v: float | None, factor: float, attack_eps: float) -> float:
-    return float(eps_v) if eps_v is not None else float(factor) * float(attack_eps)
-
-
-@DEFENSES.register("random_noise")
+@DEFENSES.register("random_noise", modules=("equicore.defenses.base", "equicore.defenses.budget", "equicore.seeding"))
 @dataclass(frozen=True)
 class RandomNoise(Defense):
     """Uniform noise in the eps_v ball (Kumar et al. 2020, the paper's "Random" baseline)."""
@@ -39,17 +37,13 @@ class RandomNoise(Defense):
     randomized = True
 
     def __post_init__(self) -> None:
-        if self.eps_v is not None:
-            check_eps(self.eps_v, "random_noise.eps_v")
-        if not self.eps_v_factor >= 0:
-            raise InvalidInputError(f"random_noise.eps_v_factor: expected >= 0, got {self.eps_v_factor!r}")
+        check_budget(self.name, self.eps_v, self.eps_v_factor)
 
     def with_attack_eps(self, eps: float) -> RandomNoise:
         return replace(self, eps_v=resolve_eps_v(self.eps_v, self.eps_v_factor, eps))
 
     def purify(self, adapter: TaskAdapter, x: torch.Tensor, seeds: Sequence[int] | torch.Tensor | None = None):
         check_images(x, "defense input")
-        if self.eps_v is None:
-            raise InvalidInputError("random_noise.eps_v is unset: give eps_v or resolve it from the attack eps")
+        eps_v = require_eps_v(self.name, self.eps_v)
         u = per_sample_draw("uniform", x.shape[1:], as_seed_list(seeds, x.shape[0]), "random-defense", device=x.device)
-        return (x + (2 * u - 1) * self.eps_v / 255.0).clamp(0, 1).detach()
+        return (x + (2 * u - 1) * eps_v / 255.0).clamp(0, 1).detach()

@@ -214,6 +214,11 @@ def _scalar(x: Any) -> float:
         raise InvalidInputError(f"stat: expected a scalar result, got {type(x).__name__}") from None
 
 
+def _check_options(stat: Callable[..., Any], n_resamples: int, level: float, seed: int) -> tuple[int, float, int]:
+    _check_stat(stat)
+    return _check_int(n_resamples, "n_resamples", 1), _check_level(level), _check_int(seed, "seed", 0)
+
+
 def bootstrap_interval(
     stat: Callable[..., Any],
     data: Any,
@@ -228,10 +233,7 @@ def bootstrap_interval(
     ``data``: an array or a tuple of arrays whose first axis is the image axis (same length ``n``, canonical order).
     ``vectorize=False`` forces one ``stat`` call per resample even for a ``weighted_stat``.
     """
-    _check_stat(stat)
-    n_resamples = _check_int(n_resamples, "n_resamples", 1)
-    level = _check_level(level)
-    seed = _check_int(seed, "seed", 0)
+    n_resamples, level, seed = _check_options(stat, n_resamples, level, seed)
     arrays, n = _as_arrays(data, "data")
     if n == 0:
         return Interval(math.nan, math.nan, math.nan, 0, n_resamples, level)
@@ -257,10 +259,7 @@ def paired_delta_interval(
     Each resample applies the same image indices to ``a`` and ``b``, so image ``i`` of ``a`` and of ``b`` must be the
     same image (both in canonical order).
     """
-    _check_stat(stat)
-    n_resamples = _check_int(n_resamples, "n_resamples", 1)
-    level = _check_level(level)
-    seed = _check_int(seed, "seed", 0)
+    n_resamples, level, seed = _check_options(stat, n_resamples, level, seed)
     arrays_a, n = _as_arrays(data_a, "data_a")
     arrays_b, n_b = _as_arrays(data_b, "data_b")
     if n_b != n:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from equicore.errors import InvalidInputError
-from equicore.metrics.states import MetricState, _get
+from equicore.metrics.base import DERIVED, RECORDS, MetricState, batch_input
 from equicore.registry import METRICS
 
 
@@ -54,7 +54,7 @@ def _image_id(target: Mapping[str, Any], what: str) -> int:
     return int(v.item() if isinstance(v, torch.Tensor) else v)
 
 
-@METRICS.register("mask_ap", tasks=("instance",))
+@METRICS.register("mask_ap", tasks=("instance",), modules=("equicore.metrics.base",))
 class MaskAPState(MetricState):
     """COCO mask AP / AP50 / AP75 (fractions in [0, 1]) over every image seen.
 
@@ -65,6 +65,8 @@ class MaskAPState(MetricState):
 
     name = "mask_ap"
     inputs = ("preds", "labels")
+    config_fields = ("mask_threshold",)
+    fields = {"images": RECORDS, "annotations": RECORDS, "detections": RECORDS, "n": DERIVED}
 
     def __init__(
         self,
@@ -97,12 +99,8 @@ class MaskAPState(MetricState):
     def n(self) -> int:
         return len(self.images)
 
-    @property
-    def n_samples(self) -> int:
-        return self.n
-
     def update(self, batch: Mapping[str, Any]) -> None:
-        preds, labels = _get(batch, "preds", self.name), _get(batch, "labels", self.name)
+        preds, labels = batch_input(batch, "preds", self.name), batch_input(batch, "labels", self.name)
         if isinstance(preds, (torch.Tensor, Mapping)) or isinstance(labels, (torch.Tensor, Mapping)):
             raise InvalidInputError(f"{self.name}: preds and labels must be lists of per-image dicts")
         if len(preds) != len(labels):
@@ -165,23 +163,11 @@ class MaskAPState(MetricState):
             for rle, s, lab in zip(encode_masks(masks), scores, labels, strict=True)
         ]
 
-    def merge(self, other: MetricState) -> MaskAPState:
-        self._check_same(other)
+    def _check_mergeable(self, other: MetricState) -> None:
         assert isinstance(other, MaskAPState)
         clash = self._ids & other._ids
         if clash:
             raise InvalidInputError(f"{self.name}: cannot merge states that share image ids {sorted(clash)[:10]}")
-        return MaskAPState(
-            self.mask_threshold,
-            self.images + other.images,
-            self.annotations + other.annotations,
-            self.detections + other.detections,
-        )
-
-    def _check_same(self, other: MetricState) -> None:
-        # Cheaper than comparing to_dict() (which copies every RLE).
-        if type(other) is not type(self) or other.mask_threshold != self.mask_threshold:  # type: ignore[attr-defined]
-            raise InvalidInputError(f"cannot merge {type(other).__name__} into {type(self).__name__} (configs differ)")
 
     def coco_inputs(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """(ground-truth COCO dataset dict, detection list) in canonical order, as fresh copies."""
@@ -208,21 +194,6 @@ class MaskAPState(MetricState):
             return {"mask_ap": 0.0, "mask_ap50": 0.0, "mask_ap75": 0.0}
         stats = coco_mask_stats(*self.coco_inputs())
         return {"mask_ap": stats[0], "mask_ap50": stats[1], "mask_ap75": stats[2]}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "type": self.name,
-            "config": {"mask_threshold": self.mask_threshold},
-            "images": copy.deepcopy(self.images),
-            "annotations": copy.deepcopy(self.annotations),
-            "detections": copy.deepcopy(self.detections),
-            "n": self.n,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> MaskAPState:
-        cfg = data.get("config", {})
-        return cls(cfg.get("mask_threshold", 0.5), data["images"], data["annotations"], data["detections"])
 
 
 def coco_mask_stats(dataset: dict[str, Any], detections: list[dict[str, Any]]) -> list[float]:

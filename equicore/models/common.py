@@ -16,6 +16,8 @@ from equicore.registry import MODELS
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
+# Where a model's maths live besides the module defining it: the shared normalisation and construction.
+MODEL_MODULES = ("equicore.models.common",)
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 RANDOM_INIT = "none"  # checkpoint value for an untrained model (tests, smoke runs, head training on a random net)
 

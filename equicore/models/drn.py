@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from equicore.models.common import IMAGENET_MEAN, IMAGENET_STD, Normalize, finish
+from equicore.models.common import IMAGENET_MEAN, IMAGENET_STD, MODEL_MODULES, Normalize, finish
 from equicore.registry import MODELS
 
 
@@ -249,6 +249,7 @@ def drn_tiny_backbone() -> DRN:
 
 @MODELS.register(
     "drn_d_22_seg",
+    modules=MODEL_MODULES,
     task="segmentation",
     dataset="cityscapes",
     num_classes=19,
@@ -273,6 +274,7 @@ def drn_d_22_seg(
 
 @MODELS.register(
     "drn_tiny_seg",
+    modules=MODEL_MODULES,
     task="segmentation",
     dataset="builtin_scenes",
     input_shape=(3, 96, 96),

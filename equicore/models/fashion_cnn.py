@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
-from equicore.models.common import Normalize, finish
+from equicore.models.common import MODEL_MODULES, Normalize, finish
 from equicore.registry import MODELS
 
 # Fashion-MNIST training-set pixel statistics.
@@ -76,6 +76,7 @@ class FashionCNN(nn.Module):
 
 @MODELS.register(
     "fashion_cnn",
+    modules=MODEL_MODULES,
     task="classification",
     dataset="fashion_mnist",
     input_shape=(1, 28, 28),

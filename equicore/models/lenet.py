@@ -10,7 +10,7 @@ import os
 
 from torch import Tensor, nn
 
-from equicore.models.common import WEIGHTS_DIR, finish
+from equicore.models.common import MODEL_MODULES, WEIGHTS_DIR, finish
 from equicore.registry import MODELS
 
 CLEAN_WEIGHTS = WEIGHTS_DIR / "mnist_lenet5_clntrained.pt"
@@ -54,13 +54,19 @@ _META = dict(
 )
 
 
-@MODELS.register("lenet5", **_META, weights=None)
+@MODELS.register("lenet5", modules=MODEL_MODULES, **_META, weights=None)
 def lenet5(checkpoint: str | os.PathLike[str] | None = None) -> nn.Module:
     """LeNet5, randomly initialised or loaded from ``checkpoint``."""
     return finish(LeNet5(), checkpoint, "lenet5")
 
 
-@MODELS.register("lenet5_mnist_clean", **_META, weights=CLEAN_WEIGHTS.name, source="advertorch==0.2.3 (LGPL-3.0)")
+@MODELS.register(
+    "lenet5_mnist_clean",
+    modules=MODEL_MODULES,
+    **_META,
+    weights=CLEAN_WEIGHTS.name,
+    source="advertorch==0.2.3 (LGPL-3.0)",
+)
 def lenet5_mnist_clean(checkpoint: str | os.PathLike[str] | None = None) -> nn.Module:
     """LeNet5 with advertorch's cleanly trained MNIST weights (or ``checkpoint`` instead)."""
     return finish(LeNet5(), checkpoint if checkpoint is not None else CLEAN_WEIGHTS, "lenet5_mnist_clean")
@@ -68,6 +74,7 @@ def lenet5_mnist_clean(checkpoint: str | os.PathLike[str] | None = None) -> nn.M
 
 @MODELS.register(
     "lenet5_mnist_adv",
+    modules=MODEL_MODULES,
     **_META,
     weights=ADV_WEIGHTS.name,
     source="advertorch==0.2.3 (LGPL-3.0)",

@@ -25,7 +25,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from equicore.models.checkpoint import load_checkpoint, load_state_into
-from equicore.models.common import IMAGENET_MEAN, IMAGENET_STD, Normalize, finish
+from equicore.models.common import IMAGENET_MEAN, IMAGENET_STD, MODEL_MODULES, Normalize, finish
 from equicore.registry import MODELS
 
 CheckpointPath = str | os.PathLike[str] | None
@@ -58,6 +58,7 @@ MASKRCNN_FEATURE_LAYERS = (
 
 @MODELS.register(
     "resnet50",
+    modules=MODEL_MODULES,
     task="classification",
     dataset="imagenet",
     num_classes=1000,
@@ -147,6 +148,7 @@ def _register_segmentation(
     )
     MODELS.register(
         name,
+        modules=MODEL_MODULES,
         task="segmentation",
         dataset="voc",
         num_classes=21,
@@ -172,6 +174,7 @@ _register_segmentation("fcn_resnet50", segmentation.fcn_resnet50, 8, "resnet50",
 
 @MODELS.register(
     "maskrcnn_resnet50_fpn",
+    modules=MODEL_MODULES,
     task="instance",
     dataset="coco",
     num_classes=91,
@@ -220,6 +223,7 @@ class TinyResNet(nn.Module):
 
 @MODELS.register(
     "maskrcnn_small",
+    modules=MODEL_MODULES,
     task="instance",
     dataset="builtin_scenes",
     input_shape=(3, 96, 96),

@@ -2,9 +2,10 @@
 
 from equicore.transforms.base import Compose, InvertibleTransform, Params
 from equicore.transforms.library import ColorJitter, HorizontalFlip, Identity, Resize, Rotate
-from equicore.transforms.views import VIEW_SETS, build_views, paper_views
+from equicore.transforms.views import TRANSFORM_MODULES, VIEW_SETS, build_views, paper_views
 
 __all__ = [
+    "TRANSFORM_MODULES",
     "VIEW_SETS",
     "ColorJitter",
     "Compose",

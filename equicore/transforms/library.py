@@ -28,7 +28,11 @@ def _as_range(value: float | tuple[float, float] | list[float], name: str) -> tu
     return lo, hi
 
 
-@TRANSFORMS.register("identity")
+# Where a transform's maths live besides this module.
+_MODULES = ("equicore.transforms.base", "equicore.transforms.functional")
+
+
+@TRANSFORMS.register("identity", modules=_MODULES)
 class Identity(InvertibleTransform):
     name = "identity"
 
@@ -46,7 +50,7 @@ class Identity(InvertibleTransform):
         return False
 
 
-@TRANSFORMS.register("hflip")
+@TRANSFORMS.register("hflip", modules=_MODULES)
 class HorizontalFlip(InvertibleTransform):
     name = "hflip"
 
@@ -60,7 +64,7 @@ class HorizontalFlip(InvertibleTransform):
         return TF.resize_to(TF.hflip(features), size, antialias=False)
 
 
-@TRANSFORMS.register("resize")
+@TRANSFORMS.register("resize", modules=_MODULES)
 class Resize(InvertibleTransform):
     """Scale by a factor drawn from ``scale``; ``aspect_jitter`` a draws the width factor from scale*[1-a, 1+a]."""
 
@@ -90,7 +94,7 @@ class Resize(InvertibleTransform):
         return tuple(params["size"])  # type: ignore[return-value]
 
 
-@TRANSFORMS.register("rotate")
+@TRANSFORMS.register("rotate", modules=_MODULES)
 class Rotate(InvertibleTransform):
     """Rigid rotation about the centre by an angle drawn from ``degrees`` (default within +/-15 degrees)."""
 
@@ -112,7 +116,7 @@ class Rotate(InvertibleTransform):
         return TF.rotation_valid_mask(params["angle"], size, device=device)
 
 
-@TRANSFORMS.register("color_jitter")
+@TRANSFORMS.register("color_jitter", modules=_MODULES)
 class ColorJitter(InvertibleTransform):
     """Brightness/contrast/saturation factors drawn from 1 +/- the given amounts; optional grayscale with
     probability ``grayscale_p``. Photometric only: its inverse on features is the identity."""

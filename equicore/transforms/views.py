@@ -7,13 +7,24 @@ ordering extended cyclically (Figure 3's sweep over K).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from equicore.errors import InvalidInputError
-from equicore.registry import TRANSFORMS
+from equicore.registry import TRANSFORMS, Registry
 from equicore.transforms.base import Compose, InvertibleTransform
 from equicore.transforms.library import ColorJitter, HorizontalFlip, Resize, Rotate
+
+# The modules a view's maths live in: what the code identity of anything that draws views covers.
+TRANSFORM_MODULES = (
+    "equicore.transforms.base",
+    "equicore.transforms.functional",
+    "equicore.transforms.library",
+    "equicore.transforms.views",
+)
+
+# Name -> factory of a fresh list of views (``VIEW_SETS.build("paper")``, or ``VIEW_SETS["paper"]()``).
+VIEW_SETS: Registry[list[InvertibleTransform]] = Registry("view set", base_cls=list)
 
 
 def paper_views() -> list[InvertibleTransform]:
@@ -50,7 +61,7 @@ def _paper_k(k: int) -> list[InvertibleTransform]:
     return [base[i % len(base)] for i in range(k)]
 
 
-VIEW_SETS: dict[str, Callable[[], list[InvertibleTransform]]] = {
+_VIEW_SETS = {
     "paper": paper_views,
     "flip": lambda: [HorizontalFlip()],
     "resize": lambda: [Resize((0.3, 0.75)), Resize((0.75, 1.0)), Resize((1.0, 1.5)), Resize((1.5, 2.0))],
@@ -60,6 +71,8 @@ VIEW_SETS: dict[str, Callable[[], list[InvertibleTransform]]] = {
     "simclr": simclr_views,
     **{f"paper_k{k}": (lambda k=k: _paper_k(k)) for k in (1, 2, 4, 6, 8, 12, 16, 20)},
 }
+for _name, _factory in _VIEW_SETS.items():
+    VIEW_SETS.add(_name, _factory, modules=TRANSFORM_MODULES)
 
 
 def build_transform(spec: str | Mapping[str, Any]) -> InvertibleTransform:
@@ -78,8 +91,8 @@ def build_views(spec: str | Sequence[str | Mapping[str, Any]]) -> list[Invertibl
     """A view-set name from :data:`VIEW_SETS` or an explicit list of transform specs."""
     if isinstance(spec, str):
         if spec not in VIEW_SETS:
-            raise InvalidInputError(f"views: unknown view set {spec!r} (known: {', '.join(sorted(VIEW_SETS))})")
-        return VIEW_SETS[spec]()
+            raise InvalidInputError(f"views: {VIEW_SETS.unknown_message(spec)}")
+        return VIEW_SETS.build(spec)
     views = [build_transform(s) for s in spec]
     if not views:
         raise InvalidInputError("views: needs at least one transform")

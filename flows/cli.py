@@ -314,7 +314,7 @@ def query(
 
 
 def _print_report(results_dir: str, run_id: str, fmt: str, output: Path | None = None) -> None:
-    from flows.report import report as render
+    from reports.tables import report as render
 
     text = _guard(render, results_dir, run_id, fmt)
     if output:
@@ -325,7 +325,7 @@ def _print_report(results_dir: str, run_id: str, fmt: str, output: Path | None =
 
 
 def _write_pages(results_dir: str, out: Path, run_id: str | None, configs: Path | None) -> None:
-    from flows import experiments as X
+    from reports import experiment_pages as X
     from storage import results as R
 
     if run_id is not None:

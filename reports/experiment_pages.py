@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows import figures
-from flows.report import (
+from reports import figures
+from reports.tables import (
     MAIN_METRICS,
     TITLES,
     RunIndex,
@@ -178,7 +178,7 @@ def _value(row: Mapping[str, Any]) -> float:
 
 def sweep_table(rows: Sequence[Mapping[str, Any]], layout: str, metric: str) -> tuple[Table, list[figures.Series]]:
     """Table 6 / Figure 3 shape: rows attacks, columns the swept value (then defenses outside the sweep), and the
-    plot's series. ``rows`` are labelled results rows (:func:`flows.report.label_rows`)."""
+    plot's series. ``rows`` are labelled results rows (:func:`reports.tables.label_rows`)."""
     _, short, _, value_of = SWEEPS[layout]
     sel = [r for r in rows if r["metric"] == metric]
     xs: dict[int, float | None] = {}
@@ -292,7 +292,7 @@ def example_grids(
     table = read_examples(results_dir, run_id)
     if not table.num_rows:
         return []
-    from flows.report import entry_parts, join_label
+    from reports.tables import entry_parts, join_label
 
     a_labels = [join_label(*p) for p in entry_parts(index.attacks)]
     d_labels = [join_label(*p) for p in entry_parts(index.defenses)]

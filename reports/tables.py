@@ -3,7 +3,7 @@
 Columns (and rows) of entries that share a name get the parameters that tell them apart, taken from the run's
 config in its manifest: ``equivariance (views=rotate15)``, ``pgd (eps=4)``. Without a manifest the recorded
 (resolved) parameters are used. Layout-specific tables (Table 4-6, Figure 3) and the experiment pages written by
-``equi report --all`` are in :mod:`flows.experiments`.
+``equi report --all`` are in :mod:`reports.experiment_pages`.
 """
 
 from __future__ import annotations

@@ -67,10 +67,10 @@ def run(
     check_output_tree(cfg)
     with resume_hint_when_disk_full(store), store.lock():
         write_manifest(store, rt, units, "running")
-        plan = plan_work(units, store, AdversarialCache(cfg.cache_dir))
+        plan = plan_work(units, store, AdversarialCache(cfg.cache_dir))  # what is left; damaged files regenerate
         if on_plan:
             on_plan(plan)
-        outcome = execute(rt, store, plan, on_done)
+        outcome = execute(rt, store, plan, on_done)  # in process, or Prefect tasks on Dask workers
         full = disk_full_message(outcome)
         if full:
             raise DiskFullError(full)  # before recording failures: they would be written to the same full disk

@@ -3,7 +3,9 @@ or fail their checksums. Damaged outputs are removed here and planned again, so 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SkipValidation, model_serializer
 
 from storage.cache import AdversarialCache
 from storage.errors import CacheCorruptError, CacheMissError, ResultCorruptError
@@ -13,19 +15,34 @@ from tasks.units import AttackUnit, DefendUnit, RunUnits, UnitSpec
 Outcome = dict[AttackUnit | DefendUnit, tuple[str, str]]  # unit -> ("ok" | "failed", message)
 
 
-@dataclass
-class WorkPlan:
+class WorkPlan(BaseModel):
+    """The units still to compute. A pydantic model only for how the Prefect API records it (the flow's parameter,
+    as JSON): as its counts, not as tens of thousands of units with their specs; the units are not validated or
+    copied, the plan holds the very values planned."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
     # Attack shards still to compute: one per shard for attacks that do not see the defense (their images serve
     # every defense), one per (defense, shard) for BPDA/AA.
-    attack_units: list[AttackUnit]
-    defend_units: list[DefendUnit]  # (attack, defense) shards still to compute
+    attack_units: SkipValidation[list[AttackUnit]]
+    defend_units: SkipValidation[list[DefendUnit]]  # (attack, defense) shards still to compute
     n_shards: int
     total_defend: int
-    repaired: list[str] = field(default_factory=list)  # damaged files found by their checksums, to be regenerated
+    repaired: list[str] = Field(default_factory=list)  # damaged files found by their checksums, to be regenerated
 
     @property
     def empty(self) -> bool:
         return not self.attack_units and not self.defend_units
+
+    @model_serializer
+    def _counts(self) -> dict[str, Any]:
+        return {
+            "attack_units": len(self.attack_units),
+            "defend_units": len(self.defend_units),
+            "n_shards": self.n_shards,
+            "total_defend": self.total_defend,
+            "repaired": self.repaired,
+        }
 
 
 def storage_reason(message: str) -> str:
@@ -79,4 +96,10 @@ def plan_work(units: RunUnits, store: RunStore, cache: AdversarialCache) -> Work
                 cache.invalidate(spec.attack_key, shard)
                 attack_units.append(AttackUnit(spec, shard))
     total = len(units.pairs) * units.n_shards
-    return WorkPlan(attack_units, defend_units, units.n_shards, total, repaired)
+    return WorkPlan(
+        attack_units=attack_units,
+        defend_units=defend_units,
+        n_shards=units.n_shards,
+        total_defend=total,
+        repaired=repaired,
+    )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from equicore.attacks import build_attack
 from equicore.defenses import build_defense
@@ -155,7 +155,7 @@ class AttackUnit:
     spec: AttackSpec
     shard: int
 
-    kind = "attack"
+    kind: ClassVar[str] = "attack"  # what a progress display counts it as
 
     @property
     def unit_key(self) -> str:
@@ -177,7 +177,7 @@ class DefendUnit:
     spec: UnitSpec
     shard: int
 
-    kind = "defend"
+    kind: ClassVar[str] = "defend"
 
     @property
     def unit_key(self) -> str:

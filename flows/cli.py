@@ -214,10 +214,10 @@ def resume(
     """Finish an interrupted or partly failed run: computes only the missing shards (and regenerates damaged ones)."""
     _quiet_libraries(verbose)
     _allow_outside_roots(allow_outside_roots)
-    from storage import results as R
+    from storage.run_store import RunStore
     from tasks.config import RunConfig
 
-    manifest = _guard(R.read_run_manifest, results_dir, run_id)
+    manifest = _guard(RunStore(results_dir, run_id).read_manifest)
     cfg = _guard(RunConfig.model_validate, manifest["config"])
     if cfg.run_id() != run_id:
         _fail(f"run {run_id}: its manifest's config hashes to {cfg.run_id()} (was it edited by hand?)")
@@ -234,18 +234,17 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Shards done / failed / pending, per run or per (attack, defense) of one run."""
-    from flows.pipeline import run_status
-    from storage import results as R
+    from storage.run_store import RunStore
 
     if run_id is None:
-        runs = _guard(R.list_runs, results_dir)
+        stores = _guard(RunStore.all_in, results_dir)
         rows = []
-        for rid in runs:
-            st = _guard(run_status, results_dir, rid)
+        for store in stores:
+            st = _guard(store.status)
             units = st["units"]
             rows.append(
                 {
-                    "run_id": rid,
+                    "run_id": store.run_id,
                     "status": st["manifest"].get("status"),
                     "done": sum(u["done"] for u in units),
                     "failed": sum(len(u["failed"]) for u in units),
@@ -263,7 +262,7 @@ def status(
             t.add_row(*(str(r[c]) for c in ("run_id", "status", "done", "failed", "pending", "updated_at")))
         console.print(t if rows else f"no runs in {results_dir}")
         return
-    st = _guard(run_status, results_dir, run_id)
+    st = _guard(RunStore(results_dir, run_id).status)
     if as_json:
         console.print_json(json.dumps(st["units"], default=str))
         return
@@ -314,7 +313,7 @@ def query(
 
 
 def _print_report(results_dir: str, run_id: str, fmt: str, output: Path | None = None) -> None:
-    from flows.report import report as render
+    from reports.tables import report as render
 
     text = _guard(render, results_dir, run_id, fmt)
     if output:
@@ -325,11 +324,11 @@ def _print_report(results_dir: str, run_id: str, fmt: str, output: Path | None =
 
 
 def _write_pages(results_dir: str, out: Path, run_id: str | None, configs: Path | None) -> None:
-    from flows import experiments as X
-    from storage import results as R
+    from reports import experiment_pages as X
+    from storage.run_store import RunStore
 
     if run_id is not None:
-        manifest = _guard(R.read_run_manifest, results_dir, run_id)
+        manifest = _guard(RunStore(results_dir, run_id).read_manifest)
         cfg = manifest.get("config") or {}
         exps = [X.experiment_of(cfg.get("name") or run_id, cfg.get("report") or {}, run_id)]
     elif configs is not None:

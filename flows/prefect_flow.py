@@ -13,9 +13,11 @@ from prefect import flow
 from prefect.futures import as_completed
 
 from flows import progress
-from tasks.compute import attack_defense_index
+from flows.planning import Outcome, WorkPlan
+from flows.prefect_tasks import attack_shard_task, defend_shard_task
+from storage.run_store import RunStore
 from tasks.config import RunConfig
-from tasks.prefect_tasks import attack_shard_task, defend_shard_task
+from tasks.units import AttackUnit, DefendUnit
 
 
 def _final(fut) -> tuple[bool, str]:
@@ -35,37 +37,31 @@ def _final(fut) -> tuple[bool, str]:
 
 @flow(name="equirobust-evaluate", log_prints=False, validate_parameters=False)
 def evaluation_flow(
-    cfg_json: str,
-    run_id: str,
-    attack_units: list[list[int]],
-    defend_units: list[list[int]],
-    torch_threads: int | None,
-    use_gpus: bool,
-) -> dict[tuple, tuple[str, str]]:
+    cfg_json: str, store: RunStore, plan: WorkPlan, torch_threads: int | None, use_gpus: bool
+) -> Outcome:
     on_done = progress.CALLBACK[0]  # not a parameter: parameters are serialised for the Prefect API
     cfg = RunConfig.model_validate_json(cfg_json)
     opts = {"retries": cfg.retries, "retry_delay_seconds": list(cfg.retry_delay_s) or 0}
     attack_task = attack_shard_task.with_options(**opts)
     defend_task = defend_shard_task.with_options(**opts)
     annotations = {"resources": {"GPU": 1}} if use_gpus else {}
-    futures: dict[Any, tuple] = {}
-    attack_futs = {}
+    futures: dict[Any, AttackUnit | DefendUnit] = {}
+    attack_futs: dict[AttackUnit, Any] = {}
     with dask.annotate(**annotations):
-        for ai, tdi, shard in attack_units:
-            fut = attack_task.submit(cfg_json, ai, tdi, shard, torch_threads)
-            attack_futs[(ai, tdi, shard)] = fut
-            futures[fut] = ("attack", ai, tdi, shard)
-        for ai, di, shard in defend_units:
-            upstream = attack_futs.get((ai, attack_defense_index(cfg, ai, di), shard))
-            fut = defend_task.submit(
-                cfg_json, run_id, ai, di, shard, torch_threads, wait_for=[upstream] if upstream else None
-            )
-            futures[fut] = ("defend", ai, di, shard)
-    outcome: dict[tuple, tuple[str, str]] = {}
+        for unit in plan.attack_units:
+            fut = attack_task.submit(cfg_json, unit, torch_threads)
+            attack_futs[unit] = fut
+            futures[fut] = unit
+        for unit in plan.defend_units:
+            upstream = attack_futs.get(unit.upstream)  # None: its images are clean or cached before this run
+            wait_for = [upstream] if upstream is not None else None
+            fut = defend_task.submit(cfg_json, store, unit, torch_threads, wait_for=wait_for)
+            futures[fut] = unit
+    outcome: Outcome = {}
     for fut in as_completed(list(futures)):
         unit = futures[fut]
         completed, message = _final(fut)
         outcome[unit] = ("ok", "") if completed else ("failed", message)
         if on_done:
-            on_done(unit[0])
+            on_done(unit.kind)
     return outcome

@@ -29,7 +29,7 @@ stamp=.venv/.equirobust-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing equirobust and its dependencies"
   "$VPY" -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-  "$VPY" -c "import equicore, storage, tasks, flows, prefect, prefect_dask, zarr, duckdb, pycocotools" \
+  "$VPY" -c "import equicore, storage, tasks, flows, reports, prefect, prefect_dask, zarr, duckdb, pycocotools" \
     || { echo "setup: installation incomplete" >&2; exit 1; }
   touch "$stamp"
 fi

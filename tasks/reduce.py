@@ -13,16 +13,12 @@ import numpy as np
 
 from equicore.attacks import build_attack
 from equicore.metrics import merge_all, state_from_dict
-from storage import results as R
+from storage.run_store import RunStore
 from tasks import verdicts as V
-from tasks.compute import CLEAN_ATTACK, attack_key, defense_key, eval_draws, resolved_defense
 from tasks.config import CLEAN, TASK_METRICS, AttackConfig, RunConfig
 from tasks.faults import maybe_fail
-from tasks.runtime import Runtime, plan_shards
-
-
-def units(cfg: RunConfig) -> list[tuple[int, int]]:
-    return [(ai, di) for ai in range(len(cfg.attacks)) for di in range(len(cfg.defenses))]
+from tasks.runtime import Runtime
+from tasks.units import RunUnits, UnitSpec
 
 
 @dataclass
@@ -33,22 +29,21 @@ class UnitResult:
     samples: list[dict[str, Any]]  # the shards' per-sample rows
 
 
-def _unit_rows(rt: Runtime, run_id: str, ai: int, di: int, n_shards: int, provenance: dict[str, Any]) -> UnitResult:
+def _unit_rows(rt: Runtime, store: RunStore, unit: UnitSpec, n_shards: int, provenance: dict[str, Any]) -> UnitResult:
     """The results rows of one (attack, defense) unit from its shards' merged metric states (mean over evaluation
     draws, with the between-draw spread), with what the verdicts need from the same files."""
     cfg = rt.cfg
-    attack, defense = cfg.attacks[ai], cfg.defenses[di]
-    a_key, d_key = attack_key(rt, attack, defense), defense_key(rt, attack, defense)
+    attack, defense = unit.attack, unit.defense
+    a_key, d_key = unit.attack_key, unit.defense_key
     states: dict[str, list] = {}
     sample_rows: list[dict[str, Any]] = []
     seconds, done = 0.0, 0
     for shard in range(n_shards):
-        if not R.shard_done(cfg.results_dir, run_id, a_key, d_key, shard):
+        if not store.shard_done(a_key, d_key, shard):
             continue
-        path = R.shard_path(cfg.results_dir, run_id, a_key, d_key, shard)
-        table, state = R.read_shard(path)  # once: the merged states and the verdicts' per-sample rows
+        table, state = store.read_shard(a_key, d_key, shard)  # once: the merged states and the verdicts' rows
         sample_rows += table.to_pylist()
-        seconds += float(R.read_shard_unit(path).get("seconds", 0.0))
+        seconds += float(store.read_shard_unit(a_key, d_key, shard).get("seconds", 0.0))
         done += 1
         for name, st in state.items():
             states.setdefault(name, []).append(state_from_dict(st))
@@ -57,7 +52,7 @@ def _unit_rows(rt: Runtime, run_id: str, ai: int, di: int, n_shards: int, proven
     by_base: dict[str, list] = {}
     for name in states:  # draw 0 first: "miou", then "miou#draw1", ...
         by_base.setdefault(name.split("#draw")[0], []).append(merge_all(states[name]))
-    defense_params = {**resolved_defense(rt, attack, defense).params(), "eval_draws": eval_draws(rt, attack, defense)}
+    defense_params = {**unit.defense_params, "eval_draws": unit.eval_draws}
     rows = []
     for name, merged_draws in by_base.items():
         computed = [m.compute() for m in merged_draws]
@@ -67,7 +62,7 @@ def _unit_rows(rt: Runtime, run_id: str, ai: int, di: int, n_shards: int, proven
             rows.append(
                 {
                     **provenance,
-                    "run_id": run_id,
+                    "run_id": store.run_id,
                     "dataset": cfg.dataset.name,
                     "model": cfg.model.name,
                     "attack": attack.name,
@@ -84,39 +79,40 @@ def _unit_rows(rt: Runtime, run_id: str, ai: int, di: int, n_shards: int, proven
                     "shards_total": n_shards,
                     "attack_key": a_key,
                     "defense_key": d_key,
-                    "attack_index": ai,
-                    "defense_index": di,
+                    "attack_index": unit.attack_index,
+                    "defense_index": unit.defense_index,
                 }
             )
     return UnitResult(rows, done, by_base, sample_rows)
 
 
-def reduce_run(rt: Runtime, run_id: str, provenance: dict[str, Any]) -> list[dict[str, Any]]:
+def reduce_run(rt: Runtime, units: RunUnits, store: RunStore, provenance: dict[str, Any]) -> list[dict[str, Any]]:
     """Merge every completed shard's states per (attack, defense) into the long results table (replacing it), then
     add the verdicts of :mod:`tasks.verdicts` (intervals, all-draws and per-image worst rows, paired deltas)."""
     cfg = rt.cfg
-    n_shards = len(plan_shards(rt.indices, cfg.shard_size))
+    n_shards = units.n_shards
     rows: list[dict[str, Any]] = []
     samples: dict[tuple[int, int], V.UnitSamples] = {}
     complete: set[tuple[int, int]] = set()
-    for ai, di in units(cfg):
-        maybe_fail("reduce", ai * len(cfg.defenses) + di)
-        unit = _unit_rows(rt, run_id, ai, di, n_shards, provenance)
-        if not unit.rows:
+    for number, unit in enumerate(units.pairs):  # attack-major, so number is ai * len(defenses) + di
+        maybe_fail("reduce", number)
+        result = _unit_rows(rt, store, unit, n_shards, provenance)
+        if not result.rows:
             continue
-        rows += unit.rows
-        loaded = V.unit_samples(unit.samples, rt.task)
-        if rt.task == "instance" and "mask_ap" in unit.merged:
-            loaded = V.instance_samples(unit.merged["mask_ap"], loaded)
-        samples[(ai, di)] = loaded
-        if unit.done == n_shards:
-            complete.add((ai, di))
+        rows += result.rows
+        loaded = V.unit_samples(result.samples, rt.task)
+        if rt.task == "instance" and "mask_ap" in result.merged:
+            loaded = V.instance_samples(result.merged["mask_ap"], loaded)
+        cell = (unit.attack_index, unit.defense_index)
+        samples[cell] = loaded
+        if result.done == n_shards:
+            complete.add(cell)
     rows += sweep_worst_rows(cfg, rows)
     rows += all_draws_rows(rt, rows, samples)
     rows += per_image_worst_rows(rt, rows, samples, complete)
     add_verdicts(rt, rows, samples)
-    annotate_gradient_masking(rt, rows)
-    R.write_results_table(cfg.results_dir, run_id, rows)
+    annotate_gradient_masking(rt, units, rows)
+    store.write_results_table(rows)
     return rows
 
 
@@ -229,14 +225,13 @@ def sweep_worst_rows(cfg: RunConfig, rows: list[dict[str, Any]]) -> list[dict[st
     return out
 
 
-def masking_flags(rt: Runtime) -> list[dict[str, Any]]:
+def masking_flags(rt: Runtime, units: RunUnits) -> list[dict[str, Any]]:
     """Per defense entry (config order): its declared properties and the gradient-masking warning, if any. A
     test-time-optimising or randomised defense must be evaluated with BPDA (with EOT when randomised) and with the
     defense-aware attack AA; each entry is judged on its own, so two entries of one name never share a verdict."""
     adaptive = [build_attack(a.name, **a.params()) for a in rt.cfg.attacks if a.defense_aware]
     flags = []
-    for d in rt.cfg.defenses:
-        spec = resolved_defense(rt, CLEAN_ATTACK, d)
+    for d, spec in zip(rt.cfg.defenses, units.reference_defenses, strict=True):
         test_time, randomized = bool(spec.optimizes_at_test_time), bool(spec.randomized)
         # BPDA without EOT (eot < 2) does not count as BPDA against a randomised defense.
         done = {"bpda-no-eot" if randomized and a.adaptive == "bpda" and a.eot < 2 else a.adaptive for a in adaptive}
@@ -257,9 +252,9 @@ def masking_flags(rt: Runtime) -> list[dict[str, Any]]:
     return flags
 
 
-def annotate_gradient_masking(rt: Runtime, rows: list[dict[str, Any]]) -> None:
+def annotate_gradient_masking(rt: Runtime, units: RunUnits, rows: list[dict[str, Any]]) -> None:
     """AutoAttack-style flags on every row (see :func:`masking_flags`), matched to its defense entry by key."""
-    flags = masking_flags(rt)
+    flags = masking_flags(rt, units)
     square = {
         ai
         for ai, a in enumerate(rt.cfg.attacks)
@@ -269,7 +264,7 @@ def annotate_gradient_masking(rt: Runtime, rows: list[dict[str, Any]]) -> None:
     for di, text in suspected.items():
         warning = flags[di]["masking_warning"]
         flags[di] = {**flags[di], "masking_warning": f"{warning}; {text}" if warning else text}
-    entry_of = {defense_key(rt, a, d): di for a in rt.cfg.attacks for di, d in enumerate(rt.cfg.defenses)}
+    entry_of = {unit.defense_key: unit.defense_index for unit in units.pairs}
     aware = {a.name for a in rt.cfg.attacks if a.defense_aware}
     for r in rows:
         r.update(flags[entry_of[r["defense_key"]]])

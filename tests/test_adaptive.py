@@ -14,7 +14,7 @@ from equicore.defenses import build_defense
 from equicore.errors import InvalidInputError
 from equicore.registry import DEFENSES
 from flows.pipeline import run
-from flows.report import report
+from reports.tables import report
 from storage import results as R
 from tasks.config import ConfigError, parse_config
 from tests.models_for_tests import defense_params_for, make_task

@@ -589,7 +589,6 @@ def test_a_cache_from_an_older_code_version_is_recomputed_not_reused(
     from tasks import runtime
 
     monkeypatch.setattr(runtime, "code_version", lambda: "0.1.0+a-newer-engine")
-    monkeypatch.setattr("tasks.compute.code_version", runtime.code_version)
     summary = pipeline.run(cfg)
     assert summary.ok and summary.computed == summary.n_shards * 4 and summary.skipped == 0
     rows = R.read_results_table(results, cfg.run_id()).to_pylist()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from flows.pipeline import default_workers, make_task_runner
+from flows.execution import default_workers, make_task_runner
 from tasks.config import parse_config
 from tests.pipeline_helpers import tiny_config
 

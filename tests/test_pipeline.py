@@ -15,6 +15,7 @@ import pytest
 from flows import pipeline
 from storage import results as R
 from storage.cache import AdversarialCache
+from storage.run_store import RunStore
 from tasks.config import parse_config
 from tasks.faults import hits
 from tests.pipeline_helpers import REPO, table_rows, tiny_config, write_config
@@ -39,6 +40,7 @@ def test_flow_on_local_cluster_matches_in_process_then_skips_then_repairs(tmp_pa
     monkeypatch.setenv("EQUI_FAULTS", "attack:1:1")
     monkeypatch.setenv("EQUI_FAULTS_DIR", str(tmp_path))
     cfg = parse_config(tiny_config(tmp_path, cluster={"n_workers": 2, **THREADS}))
+    store = RunStore(cfg.results_dir, cfg.run_id())
     first = pipeline.run(cfg)
     assert first.ok, first.failed
     assert len(hits("attack", 1)) == 2  # failed once, succeeded on the retry
@@ -46,12 +48,12 @@ def test_flow_on_local_cluster_matches_in_process_then_skips_then_repairs(tmp_pa
 
     # Running again computes nothing: no shard is submitted, no cache entry rewritten.
     markers = _markers(cfg.cache_dir)
-    parquet = {p: p.stat().st_mtime_ns for p in R.list_shards(cfg.results_dir, cfg.run_id())}
+    parquet = {p: p.stat().st_mtime_ns for p in store.list_shards()}
     again = pipeline.run(cfg)
     assert again.computed == 0 and again.skipped == 16 and again.ok
     assert _markers(cfg.cache_dir) == markers
-    assert {p: p.stat().st_mtime_ns for p in R.list_shards(cfg.results_dir, cfg.run_id())} == parquet
-    assert len(R.list_shards(cfg.results_dir, cfg.run_id())) == 16
+    assert {p: p.stat().st_mtime_ns for p in store.list_shards()} == parquet
+    assert len(store.list_shards()) == 16
     assert table_rows(cfg.results_dir, cfg.run_id()) == reference
 
     # Delete one shard's Parquet file and one cache chunk; resuming recomputes exactly those two.
@@ -65,7 +67,7 @@ def test_flow_on_local_cluster_matches_in_process_then_skips_then_repairs(tmp_pa
         if p.is_file() and "shard_00002" in str(p) and f"{os.sep}c{os.sep}" in str(p)
     )
     chunk.unlink()
-    resumed = pipeline.resume(cfg.run_id(), cfg.results_dir)
+    resumed = pipeline.resume(store)
     assert resumed.ok and resumed.computed == 1 and resumed.skipped == 15
     changed = {m for m, t in _markers(cfg.cache_dir).items() if markers.get(m) != t}
     assert changed == {str(cache.marker_path(key, 2))}
@@ -85,11 +87,12 @@ def test_always_failing_shard_is_reported_and_others_complete(tmp_path, referenc
         with lock:
             seen.append(kind)
 
+    store = RunStore(cfg.results_dir, cfg.run_id())
     summary = pipeline.run(cfg, on_done=on_done)
     assert sorted(set(seen)) == ["attack", "defend"] and len(seen) == 4 + 16
     assert len(summary.failed) == 4 and {f["shard"] for f in summary.failed} == {2}
     assert all("injected fault" in f["error"] for f in summary.failed)
-    st = pipeline.run_status(cfg.results_dir, cfg.run_id())
+    st = store.status()
     assert st["manifest"]["status"] == "failed"
     assert all(u["done"] == 3 and len(u["failed"]) == 1 and u["pending"] == 0 for u in st["units"])
     out = subprocess.run(
@@ -101,11 +104,11 @@ def test_always_failing_shard_is_reported_and_others_complete(tmp_path, referenc
     )
     assert out.returncode == 0 and "injected fault in defend shard 2" in out.stdout
     # The partial table says so; after the cause is gone, resume completes it and clears the failures.
-    assert all(r["shards_done"] == 3 for r in R.read_results_table(cfg.results_dir, cfg.run_id()).to_pylist())
+    assert all(r["shards_done"] == 3 for r in store.read_results_table().to_pylist())
     monkeypatch.delenv("EQUI_FAULTS")
-    resumed = pipeline.resume(cfg.run_id(), cfg.results_dir)
+    resumed = pipeline.resume(store)
     assert resumed.ok and resumed.computed == 4
-    assert R.failures(cfg.results_dir, cfg.run_id()) == []
+    assert store.failures() == []
     assert table_rows(cfg.results_dir, cfg.run_id()) == reference
 
 
@@ -140,7 +143,7 @@ def test_sigkill_of_the_flow_process_then_resume_gives_the_same_table(tmp_path, 
     assert out.returncode == 0, out.stderr[-2000:]
     assert table_rows(cfg_dict["results_dir"], run_id) == reference
     # No half-written file was taken as complete: every shard file reads back with its state.
-    for p in R.list_shards(cfg_dict["results_dir"], run_id):
+    for p in RunStore(cfg_dict["results_dir"], run_id).list_shards():
         R.read_shard(p)
 
 

@@ -17,11 +17,11 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from flows import experiments as X
-from flows import figures
 from flows.cli import app
 from flows.pipeline import run
-from flows.report import build_tables, entry_parts, label_rows, render_markdown, run_index
+from reports import experiment_pages as X
+from reports import figures
+from reports.tables import build_tables, entry_parts, label_rows, render_markdown, run_index
 from storage import results as R
 from storage.examples import EXAMPLES_SCHEMA, examples_path, read_examples
 from tasks.config import parse_config

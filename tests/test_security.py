@@ -22,7 +22,7 @@ import equicore  # noqa: F401  (registrations)
 from equicore.datasets.base import ALLOW_OUTSIDE_ROOTS_ENV
 from equicore.errors import DatasetError
 from equicore.registry import DATASETS
-from flows import pipeline
+from flows import execution, pipeline
 from flows.cli import app
 from tasks.config import ConfigError, load_config, parse_config
 from tasks.paths import check_config_paths, check_output_tree
@@ -285,8 +285,8 @@ def test_local_clusters_and_the_prefect_api_listen_on_localhost_only(tmp_path):
     from distributed import LocalCluster
 
     before = _listening(_tree())
-    kwargs = pipeline.make_task_runner(parse_config(tiny_config(tmp_path, cluster={"n_workers": 2}))).cluster_kwargs
-    with LocalCluster(**kwargs) as cluster, pipeline.local_cluster(2) as (address, _, _), pipeline.prefect_api():
+    kwargs = execution.make_task_runner(parse_config(tiny_config(tmp_path, cluster={"n_workers": 2}))).cluster_kwargs
+    with LocalCluster(**kwargs) as cluster, execution.local_cluster(2) as (address, _, _), execution.prefect_api():
         opened = _listening(_tree()) - before
         assert cluster.scheduler_address.startswith("tcp://127.0.0.1:") and address.startswith("tcp://127.0.0.1:")
         workers = cluster.scheduler_info["workers"]

@@ -373,15 +373,14 @@ def test_a_run_whose_model_has_no_shipped_head_fails_before_writing(tmp_path: Pa
 
 
 def test_pipeline_keys_name_only_the_run_models_head(tmp_path: Path) -> None:
-    from tasks import compute
     from tasks.config import parse_config
     from tasks.runtime import build_runtime
+    from tasks.units import plan_units
 
     raw = tiny_config(tmp_path, model={"name": "lenet5_mnist_adv", "adapter": {"feature_layer": "relu2"}})
     raw["defenses"] = [{"name": "rotation"}]
-    rt = build_runtime(parse_config(raw))
-    spec = compute.resolved_defense(rt, rt.cfg.attacks[0], rt.cfg.defenses[0])
-    assert list(spec.params()["head_files"]) == ["lenet5_mnist_adv.rotation.pt"]
+    units = plan_units(build_runtime(parse_config(raw)))
+    assert all(list(u.defense_params["head_files"]) == ["lenet5_mnist_adv.rotation.pt"] for u in units.pairs)
 
 
 # ------------------------------------------------------------------------------------------- the training command

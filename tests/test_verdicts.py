@@ -14,8 +14,8 @@ from equicore.defenses import build_defense
 from equicore.metrics.functional import confusion_matrix, mean_iou
 from storage import results as R
 from tasks import verdicts as V
-from tasks.compute import draw_seeds
 from tasks.config import ConfigError, parse_config
+from tasks.shard_steps import draw_seeds
 from tests.models_for_tests import make_task
 from tests.pipeline_helpers import tiny_config
 

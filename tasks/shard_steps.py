@@ -1,15 +1,15 @@
-"""Shard-level steps as plain functions (the Prefect tasks and the in-process runner both call these).
+"""The shard-level steps as plain functions (the Prefect tasks in :mod:`flows.prefect_tasks` and the in-process
+runner both call these), each given a planned unit of :mod:`tasks.units`:
 
-attack_shard: adversarial images for one (attack, shard) -> Zarr cache, keyed by content.
-defend_shard: purify + predict + score one (attack, defense, shard) -> one Parquet file with per-sample rows and
-              the shard's mergeable metric states.
+attack_shard: adversarial images for one :class:`~tasks.units.AttackUnit` -> Zarr cache, keyed by content.
+defend_shard: purify + predict + score one :class:`~tasks.units.DefendUnit` -> one Parquet file with per-sample rows
+              and the shard's mergeable metric states.
 
 The reduce step (merged states -> the long results table, with its verdicts) is in :mod:`tasks.reduce`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -19,96 +19,31 @@ import numpy as np
 import torch
 
 from equicore.attacks import build_attack, make_targets, run_attack
-from equicore.defenses import build_defense
 from equicore.equivariance import consistency_score, sample_view_params
 from equicore.metrics import build_metric
 from equicore.metrics.functional import confusion_matrix, mean_iou
 from equicore.seeding import derive_seed, sample_seeds
 from equicore.transforms import build_views
 from equicore.validation import check_images
-from storage import results as R
 from storage.cache import AdversarialCache
 from storage.errors import CacheCorruptError
-from storage.examples import write_examples
-from storage.keys import canonical_json, content_key
-from tasks.config import CLEAN, TASK_METRICS, AttackConfig, DefenseConfig, RunConfig
+from storage.keys import canonical_json
+from storage.run_store import RunStore
+from tasks.config import CLEAN, TASK_METRICS, AttackConfig
 from tasks.examples import ExampleMaker, example_slots
 from tasks.faults import maybe_fail
-from tasks.runtime import Runtime, code_version, plan_shards, to_numpy_images
-
-CLEAN_ATTACK = AttackConfig(name=CLEAN)  # resolves a defense's budgets without an attack (reference eps)
-
-
-# ---------------------------------------------------------------------------------------------------- identities
-def attack_identity(rt: Runtime, attack: AttackConfig, defense: DefenseConfig | None = None) -> dict[str, Any]:
-    """Everything the adversarial images depend on (the cache key is its hash + the code version); for a
-    defense-aware attack (BPDA, AA) that includes the defense with its resolved budgets."""
-    params = build_attack(attack.name, **attack.params()).params() if attack.name != CLEAN else {}
-    ident: dict[str, Any] = {
-        "dataset": rt.dataset_fingerprint,
-        "indices": content_key(rt.indices, ""),
-        "shard_size": rt.cfg.shard_size,
-        "model": {
-            "name": rt.cfg.model.name,
-            "weights": rt.model_digest,
-            "params": rt.cfg.model.params,
-            "adapter": rt.cfg.model.adapter,
-        },
-        "attack": {"name": attack.name, **params},
-        "seed": rt.cfg.seed,
-    }
-    if attack.defense_aware:
-        if defense is None:
-            raise ValueError(f"attack {attack.name!r} is defense-aware: its identity needs the defense")
-        ident["defense"] = resolved_defense(rt, attack, defense).params()
-    return ident
+from tasks.runtime import Runtime, plan_shards, to_numpy_images
+from tasks.units import AttackUnit, DefendUnit, RunUnits
 
 
-def attack_key(rt: Runtime, attack: AttackConfig, defense: DefenseConfig | None = None) -> str:
-    """Content key of the attack's images. ``defense`` is used only by defense-aware attacks."""
-    if attack.name == CLEAN:
-        return CLEAN
-    return content_key(attack_identity(rt, attack, defense), code_version())
-
-
-def attack_defense_index(cfg: RunConfig, attack_index: int, defense_index: int) -> int:
-    """The defense an attack unit is generated against: ``defense_index`` for BPDA/AA, -1 (none) otherwise."""
-    return defense_index if cfg.attacks[attack_index].defense_aware else -1
-
-
-def attack_defense(cfg: RunConfig, defense_index: int) -> DefenseConfig | None:
-    return cfg.defenses[defense_index] if defense_index >= 0 else None
-
-
-def resolved_defense(rt: Runtime, attack: AttackConfig, defense: DefenseConfig):
-    """The defense with its budgets resolved from the attack's eps (and, for head-based defenses, the run's model)."""
-    eps = attack.eps if attack.name != CLEAN else rt.cfg.resolved_reference_eps()
-    spec = build_defense(defense.name, **defense.params()).with_attack_eps(eps)
-    if getattr(spec, "head", "") is None and hasattr(spec, "for_model"):
-        spec = dataclasses.replace(spec, for_model=rt.cfg.model.name)
-    return spec
-
-
-def preflight_defenses(rt: Runtime) -> None:
+# ---------------------------------------------------------------------------------------------------- checks
+def preflight_defenses(rt: Runtime, units: RunUnits) -> None:
     """Load what every defense needs (e.g. a self-supervised head) now, so a missing or mismatched artefact fails
     the run before anything is written instead of failing every shard on the workers."""
-    for defense in rt.cfg.defenses:
-        prepare = getattr(resolved_defense(rt, CLEAN_ATTACK, defense), "prepare", None)
+    for spec in units.reference_defenses:
+        prepare = getattr(spec, "prepare", None)
         if callable(prepare):
             prepare(rt.adapter)
-
-
-def eval_draws(rt: Runtime, attack: AttackConfig, defense: DefenseConfig) -> int:
-    """How many independent draws of the defense's randomness each image is scored under."""
-    return defense.resolved_eval_draws(bool(resolved_defense(rt, attack, defense).randomized))
-
-
-def defense_key(rt: Runtime, attack: AttackConfig, defense: DefenseConfig) -> str:
-    ident = {"defense": resolved_defense(rt, attack, defense).params(), "measure": rt.cfg.measure.model_dump()}
-    draws = eval_draws(rt, attack, defense)
-    if draws > 1:  # one draw keeps the key it had before draws existed
-        ident["eval_draws"] = draws
-    return content_key(ident, code_version())
 
 
 def draw_seeds(seeds: list[int], draw: int) -> list[int]:
@@ -119,10 +54,6 @@ def draw_seeds(seeds: list[int], draw: int) -> list[int]:
 
 def draw_state_name(name: str, draw: int) -> str:
     return name if draw == 0 else f"{name}#draw{draw}"
-
-
-def unit_key(attack_k: str, defense_k: str | None = None) -> str:
-    return f"{attack_k}.{defense_k}" if defense_k else attack_k
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -150,43 +81,36 @@ def seeds_for(rt: Runtime, ids: list[str], purpose: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------------- attack
-def attack_shard(
-    rt: Runtime, cache: AdversarialCache, attack: AttackConfig, shard: int, defense: DefenseConfig | None = None
-) -> dict[str, Any]:
-    """Compute and cache one shard's adversarial images unless a verified entry exists. ``defense``: the defense a
-    defense-aware attack (BPDA, AA) attacks; ignored by the others."""
-    key = attack_key(rt, attack, defense)
+def attack_shard(rt: Runtime, cache: AdversarialCache, unit: AttackUnit) -> dict[str, Any]:
+    """Compute and cache one shard's adversarial images unless a verified entry exists. A defense-aware attack
+    (BPDA, AA) attacks the unit's target defense, resolved at planning."""
+    spec, shard = unit.spec, unit.shard
+    key = spec.attack_key
     if cache.has(key, shard):
         return {"status": "cached", "key": key, "shard": shard, "seconds": 0.0}
     maybe_fail("attack", shard)
     t0 = time.perf_counter()
     data = load_shard(rt, shard)
-    spec = build_attack(attack.name, **attack.params())
+    attack = build_attack(spec.attack.name, **spec.attack.params())
     # Seeds depend on the attack and the sample only (not on shard size or position), so any sharding agrees.
-    seeds = seeds_for(rt, data.ids, "attack:" + canonical_json(spec.params()))
-    target = resolved_defense(rt, attack, defense) if attack.defense_aware and defense is not None else None
+    seeds = seeds_for(rt, data.ids, "attack:" + canonical_json(attack.params()))
+    target = spec.target_defense if spec.attack.defense_aware else None
     out = []
     for sl in _batches(len(data.ids), rt.cfg.batch_size):
-        result = run_attack(spec, rt.adapter, data.images[sl], data.labels[sl], seeds[sl], defense=target)
+        result = run_attack(attack, rt.adapter, data.images[sl], data.labels[sl], seeds[sl], defense=target)
         out.append(result.x_adv)
     x_adv = torch.cat(out)
-    meta = {"identity": attack_identity(rt, attack, defense), "code_version": code_version()}
+    meta = {"identity": spec.identity, "code_version": spec.code_version}
     maybe_fail("attack-computed", shard)
     cache.write(key, shard, to_numpy_images(x_adv), data.ids, meta)
     return {"status": "computed", "key": key, "shard": shard, "seconds": time.perf_counter() - t0}
 
 
-def adversarial_images(
-    rt: Runtime,
-    cache: AdversarialCache,
-    attack: AttackConfig,
-    shard: int,
-    data: ShardData,
-    defense: DefenseConfig | None = None,
-):
-    if attack.name == CLEAN:
+def adversarial_images(rt: Runtime, cache: AdversarialCache, unit: DefendUnit, data: ShardData) -> torch.Tensor:
+    """The images a defend unit defends: the cached attack shard it reads (verified), or the clean images."""
+    if unit.spec.images is None:
         return data.images
-    key = attack_key(rt, attack, defense)
+    key, shard = unit.spec.attack_key, unit.shard
     try:
         array, ids = cache.read(key, shard)
     except CacheCorruptError:
@@ -252,22 +176,22 @@ def _segmentation_counts(
     return counts, ious
 
 
-def defend_shard(
-    rt: Runtime, cache: AdversarialCache, attack: AttackConfig, defense: DefenseConfig, shard: int, run_id: str
-) -> dict[str, Any]:
-    a_key, d_key = attack_key(rt, attack, defense), defense_key(rt, attack, defense)
-    results_dir = rt.cfg.results_dir
-    if R.shard_done(results_dir, run_id, a_key, d_key, shard):
+def defend_shard(rt: Runtime, cache: AdversarialCache, store: RunStore, unit: DefendUnit) -> dict[str, Any]:
+    """Defend and score one shard of an (attack, defense) pair into its Parquet file, unless that file is done."""
+    pair, shard = unit.spec, unit.shard
+    attack, defense = pair.attack, pair.defense
+    a_key, d_key = pair.attack_key, pair.defense_key
+    if store.shard_done(a_key, d_key, shard):
         return {"status": "done-before", "shard": shard, "seconds": 0.0}
     maybe_fail("defend", shard)
     t0 = time.perf_counter()
     data = load_shard(rt, shard)
-    x_in = adversarial_images(rt, cache, attack, shard, data, defense)
-    spec = resolved_defense(rt, attack, defense)
+    x_in = adversarial_images(rt, cache, unit, data)
+    spec = pair.defense_spec
     # Seeded from what the defense is, not from its storage key: the key carries the code version, and a refactor
     # must not redraw a randomised defense's noise (attacks are seeded the same way).
-    seeds = seeds_for(rt, data.ids, "defense:" + canonical_json(spec.params()))
-    draws = eval_draws(rt, attack, defense)
+    seeds = seeds_for(rt, data.ids, "defense:" + canonical_json(pair.defense_params))
+    draws = pair.eval_draws
     names = metric_names(rt, attack)
     states = {(n, r): _new_state(rt, n) for r in range(draws) for n in names}
     equi_before, equi_after = build_metric("equivariance_score"), build_metric("equivariance_score")
@@ -341,7 +265,7 @@ def defend_shard(
         state["equivariance_before"] = equi_before.to_dict()
         state["equivariance_after"] = equi_after.to_dict()
     seconds = time.perf_counter() - t0
-    unit = {
+    record = {  # the unit as the shard file's footer records it
         "attack_key": a_key,
         "defense_key": d_key,
         "shard": shard,
@@ -352,20 +276,20 @@ def defend_shard(
         "seconds": seconds,
     }
     if slots:  # before the sample file: that file marks the shard done
-        record_examples(rt, data, x_in, torch.cat(restored), slots, unit, run_id)
+        record_examples(rt, store, data, x_in, torch.cat(restored), slots, record)
     maybe_fail("defend-computed", shard)
-    R.write_shard(results_dir, run_id, unit, rows, state)
+    store.write_shard(record, rows, state)
     return {"status": "computed", "shard": shard, "seconds": seconds}
 
 
 def record_examples(
     rt: Runtime,
+    store: RunStore,
     data: ShardData,
     x_in: torch.Tensor,
     x_def: torch.Tensor,
     slots: list[int],
     unit: dict[str, Any],
-    run_id: str,
 ) -> None:
     """Write the Figure-2 examples (clean / attacked / restored images and predictions) of one unit shard."""
     maker = ExampleMaker(
@@ -383,4 +307,4 @@ def record_examples(
         row = maker.row((data.images[j], x_in[j], x_def[j]), y)
         position = unit["shard"] * rt.cfg.shard_size + j  # in the run's sample order: the same under any sharding
         rows.append({**row, "position": position, "sample_id": data.ids[j], "attack": attack, "defense": defense})
-    write_examples(rt.cfg.results_dir, run_id, unit, rows)
+    store.write_examples(unit, rows)

@@ -3,7 +3,7 @@
 Columns (and rows) of entries that share a name get the parameters that tell them apart, taken from the run's
 config in its manifest: ``equivariance (views=rotate15)``, ``pgd (eps=4)``. Without a manifest the recorded
 (resolved) parameters are used. Layout-specific tables (Table 4-6, Figure 3) and the experiment pages written by
-``equi report --all`` are in :mod:`flows.experiments`.
+``equi report --all`` are in :mod:`reports.experiment_pages`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from storage import results as R
+from storage.run_store import RunStore
 
 MAIN_METRICS = ("accuracy", "miou", "mask_ap", "miou_to_target")
 TEST_TIME_DEFENSES = ("equivariance", "invariance", "random_noise", "rotation", "contrastive")
@@ -395,9 +395,10 @@ def render_html(tables: list[Table], header: str = "") -> str:
 
 
 def report(results_dir: str, run_id: str, fmt: str = "markdown") -> str:
-    table = R.read_results_table(results_dir, run_id)
+    store = RunStore(results_dir, run_id)
+    table = store.read_results_table()
     rows = table.to_pylist()
-    manifest = R.read_run_manifest(results_dir, run_id)
+    manifest = store.read_manifest()
     cfg = manifest.get("config", {})
     header = (
         f"## {run_id}: {cfg.get('dataset', {}).get('name')} / {cfg.get('model', {}).get('name')} "

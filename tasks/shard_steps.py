@@ -100,7 +100,7 @@ def attack_shard(rt: Runtime, cache: AdversarialCache, unit: AttackUnit) -> dict
         result = run_attack(attack, rt.adapter, data.images[sl], data.labels[sl], seeds[sl], defense=target)
         out.append(result.x_adv)
     x_adv = torch.cat(out)
-    meta = {"identity": spec.identity, "code_version": spec.code_version}
+    meta = {"identity": spec.identity, "code": spec.code}
     maybe_fail("attack-computed", shard)
     cache.write(key, shard, to_numpy_images(x_adv), data.ids, meta)
     return {"status": "computed", "key": key, "shard": shard, "seconds": time.perf_counter() - t0}

@@ -21,8 +21,8 @@ from typing import Any, ClassVar
 
 from equicore.attacks import build_attack
 from equicore.defenses import build_defense
-from storage.keys import content_key
-from tasks import runtime
+from storage.keys import canonical_json, content_key
+from tasks.code_identity import attack_code, defense_code
 from tasks.config import CLEAN, AttackConfig, DefenseConfig
 from tasks.runtime import Runtime, plan_shards
 
@@ -41,8 +41,9 @@ def resolved_defense(rt: Runtime, attack: AttackConfig, defense: DefenseConfig) 
 
 
 def attack_identity(rt: Runtime, attack: AttackConfig, target_params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything the adversarial images depend on (the cache key is its hash + the code version); for a
-    defense-aware attack (BPDA, AA) that includes ``target_params``, the attacked defense's resolved parameters."""
+    """Everything the adversarial images depend on (the cache key hashes it with the versions of the code they ran,
+    :mod:`tasks.code_identity`); for a defense-aware attack (BPDA, AA) that includes ``target_params``, the attacked
+    defense's resolved parameters."""
     params = build_attack(attack.name, **attack.params()).params() if attack.name != CLEAN else {}
     ident: dict[str, Any] = {
         "dataset": rt.dataset_fingerprint,
@@ -91,7 +92,7 @@ class AttackSpec:
     target: DefenseConfig | None = field(compare=False, repr=False)
     target_defense: Any = field(compare=False, repr=False)  # resolved at the attack's eps; None without a target
     identity: dict[str, Any] = field(compare=False, repr=False)  # hashed into attack_key (recorded in the cache)
-    code_version: str = field(compare=False, repr=False)  # hashed into attack_key (recorded in the cache)
+    code: dict[str, str] = field(compare=False, repr=False)  # component versions, hashed into attack_key
 
     @property
     def unit_key(self) -> str:
@@ -200,7 +201,6 @@ class DefendUnit:
 def _attack_spec(
     rt: Runtime,
     attack_index: int,
-    code: str,
     target_index: int = NO_TARGET,
     target: DefenseConfig | None = None,
     target_defense: Any = None,
@@ -208,35 +208,36 @@ def _attack_spec(
 ) -> AttackSpec:
     attack = rt.cfg.attacks[attack_index]
     identity = attack_identity(rt, attack, target_params)
+    code = attack_code(rt, attack, target)
     return AttackSpec(
         attack_index=attack_index,
         target_index=target_index,
-        attack_key=content_key(identity, code),
+        attack_key=content_key(identity, canonical_json(code)),
         attack=attack,
         target=target,
         target_defense=target_defense,
         identity=identity,
-        code_version=code,
+        code=code,
     )
 
 
 def plan_units(rt: Runtime) -> RunUnits:
     """Resolve every (attack, defense) pair and compute its keys, once for the whole run."""
     cfg = rt.cfg
-    code = runtime.code_version()
+    defense_codes = [canonical_json(defense_code(rt, d)) for d in cfg.defenses]
     pairs: list[UnitSpec] = []
     images: list[AttackSpec] = []
     for ai, attack in enumerate(cfg.attacks):
         aware = attack.defense_aware
         shared = None  # the images of an attack that does not see the defense, made once for every defense
         if attack.name != CLEAN and not aware:
-            shared = _attack_spec(rt, ai, code)
+            shared = _attack_spec(rt, ai)
             images.append(shared)
         for di, defense in enumerate(cfg.defenses):
             spec = resolved_defense(rt, attack, defense)
             params = spec.params()
             draws = defense.resolved_eval_draws(bool(spec.randomized))
-            own = _attack_spec(rt, ai, code, di, defense, spec, params) if aware else None
+            own = _attack_spec(rt, ai, di, defense, spec, params) if aware else None
             if own is not None:
                 images.append(own)
             source = own or shared
@@ -245,7 +246,7 @@ def plan_units(rt: Runtime) -> RunUnits:
                     attack_index=ai,
                     defense_index=di,
                     attack_key=source.attack_key if source is not None else CLEAN,
-                    defense_key=content_key(defense_identity(rt, params, draws), code),
+                    defense_key=content_key(defense_identity(rt, params, draws), defense_codes[di]),
                     attack=attack,
                     defense=defense,
                     defense_spec=spec,

@@ -576,8 +576,8 @@ def pipeline_samples(results: Path, run_id: str, exclude: set[tuple[str, str]] =
 def test_a_cache_from_an_older_code_version_is_recomputed_not_reused(
     completed_run: CompletedRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Catalogue entry `older_code_version`: cache keys and result keys include the engine's code version, so after
-    an upgrade nothing computed by the old code is read; the old files stay as they were."""
+    """Catalogue entry `older_code_version`: cache keys and result keys include the versions of the code they ran,
+    so after an upgrade of that code nothing computed by the old code is read; the old files stay as they were."""
     results, cache = tmp_path / "results", tmp_path / "cache"
     shutil.copytree(completed_run.results_dir, results)
     shutil.copytree(completed_run.cache_dir, cache)
@@ -586,9 +586,11 @@ def test_a_cache_from_an_older_code_version_is_recomputed_not_reused(
     old_keys = {R.read_shard_unit(p)["attack_key"] for p in R.list_shards(results, cfg.run_id())}
     old_units = unit_keys(results, cfg.run_id())
 
-    from tasks import runtime
+    from tasks import code_identity
 
-    monkeypatch.setattr(runtime, "code_version", lambda: "0.1.0+a-newer-engine")
+    # A newer version of both shard steps: every attack image and every unit is made by other code now.
+    monkeypatch.setitem(code_identity.STEP_VERSIONS, "attack", "2-newer")
+    monkeypatch.setitem(code_identity.STEP_VERSIONS, "defend", "2-newer")
     summary = pipeline.run(cfg)
     assert summary.ok and summary.computed == summary.n_shards * 4 and summary.skipped == 0
     rows = R.read_results_table(results, cfg.run_id()).to_pylist()

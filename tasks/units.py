@@ -150,13 +150,13 @@ class RunUnits:
 
 # ---------------------------------------------------------------------------------------------------- shard units
 @dataclass(frozen=True)
-class AttackUnit:
-    """One shard of an attack's adversarial images (-> the Zarr cache)."""
+class ShardUnit:
+    """A spec and a shard; named, keyed and labelled by its spec."""
 
-    spec: AttackSpec
+    spec: AttackSpec | UnitSpec
     shard: int
 
-    kind: ClassVar[str] = "attack"  # what a progress display counts it as
+    kind: ClassVar[str] = ""  # what a progress display counts it as
 
     @property
     def unit_key(self) -> str:
@@ -165,6 +165,15 @@ class AttackUnit:
     @property
     def label(self) -> str:
         return self.spec.label
+
+
+@dataclass(frozen=True)
+class AttackUnit(ShardUnit):
+    """One shard of an attack's adversarial images (-> the Zarr cache)."""
+
+    spec: AttackSpec
+
+    kind: ClassVar[str] = "attack"
 
     def legacy_id(self) -> tuple[str, int, int, int]:
         """The tuple this unit was before units were values; failures are listed in its string order."""
@@ -172,21 +181,12 @@ class AttackUnit:
 
 
 @dataclass(frozen=True)
-class DefendUnit:
+class DefendUnit(ShardUnit):
     """One shard of an (attack, defense) pair: purify, predict and score (-> one Parquet file)."""
 
     spec: UnitSpec
-    shard: int
 
     kind: ClassVar[str] = "defend"
-
-    @property
-    def unit_key(self) -> str:
-        return self.spec.unit_key
-
-    @property
-    def label(self) -> str:
-        return self.spec.label
 
     @property
     def upstream(self) -> AttackUnit | None:

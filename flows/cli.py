@@ -36,6 +36,10 @@ DEMO_CONFIGS = REPO_ROOT / "configs" / "demo"
 ResultsOpt = Annotated[
     str, typer.Option("--results-dir", "-r", help="results directory (default $EQUI_RESULTS_DIR or .equi/results)")
 ]
+ClusterOpt = Annotated[
+    str | None, typer.Option(help="existing Dask scheduler tcp:// or tls://HOST:PORT (not from configs)")
+]
+ListenOpt = Annotated[str | None, typer.Option(help="bind the local Dask cluster to HOST, not 127.0.0.1 (exposes it)")]
 AllowOutsideOpt = Annotated[
     bool,
     typer.Option(
@@ -87,6 +91,10 @@ def _guard(fn, *args, **kwargs):
 
 def _run_with_progress(cfg, quiet: bool):
     from flows import pipeline
+    from flows.run_options import exposure_warning
+
+    if warning := exposure_warning(cfg):  # --listen on a non-loopback interface
+        err_console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
 
     if quiet or not sys.stderr.isatty():
 
@@ -150,31 +158,11 @@ def _print_summary(summary) -> None:
         console.print(f"Fix the cause, then `equi resume {summary.run_id}` recomputes only these.", highlight=False)
 
 
-def _apply_overrides(
-    cfg, cluster: str | None, workers: int | None, in_process: bool, results_dir: str | None, cache_dir: str | None
-):
-    updates_cluster = {}
-    if cluster:
-        updates_cluster["address"] = cluster
-    if workers:
-        updates_cluster["n_workers"] = workers
-    if in_process:
-        updates_cluster["in_process"] = True
-    data = cfg.model_dump(mode="json")
-    data["cluster"].update(updates_cluster)
-    if results_dir:
-        data["results_dir"] = results_dir
-    if cache_dir:
-        data["cache_dir"] = cache_dir
-    from tasks.config import parse_config
-
-    return parse_config(data, "config")
-
-
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="run configuration (YAML)")],
-    cluster: Annotated[str | None, typer.Option(help="existing Dask scheduler address, e.g. tcp://host:8786")] = None,
+    cluster: ClusterOpt = None,
+    listen: ListenOpt = None,
     workers: Annotated[
         int | None, typer.Option(help="local Dask workers (default: one per GPU, else per core)")
     ] = None,
@@ -191,10 +179,11 @@ def run(
     """Run a config: attack every shard once (cached), defend and score, reduce. Re-running resumes."""
     _quiet_libraries(verbose)
     _allow_outside_roots(allow_outside_roots)
+    from flows.run_options import apply_overrides
     from tasks.config import load_config
 
-    cfg = _guard(load_config, config)
-    cfg = _guard(_apply_overrides, cfg, cluster, workers, in_process, results_dir, cache_dir)
+    flags = dict(cluster=cluster, listen=listen, workers=workers, in_process=in_process, results_dir=results_dir)
+    cfg = _guard(apply_overrides, _guard(load_config, config), **flags, cache_dir=cache_dir)
     summary = _guard(_run_with_progress, cfg, quiet)
     _print_summary(summary)
     if report:
@@ -207,6 +196,8 @@ def run(
 def resume(
     run_id: Annotated[str, typer.Argument(help="run id printed by `equi run` (see `equi status`)")],
     results_dir: ResultsOpt = DEFAULT_RESULTS,
+    cluster: ClusterOpt = None,
+    listen: ListenOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     allow_outside_roots: AllowOutsideOpt = False,
@@ -214,13 +205,16 @@ def resume(
     """Finish an interrupted or partly failed run: computes only the missing shards (and regenerates damaged ones)."""
     _quiet_libraries(verbose)
     _allow_outside_roots(allow_outside_roots)
+    from flows.run_options import apply_overrides
     from storage.run_store import RunStore
-    from tasks.config import RunConfig
+    from tasks.config import parse_config
+    from tasks.config_checks import without_network  # recorded --cluster / --listen are not reused: give them again
 
     manifest = _guard(RunStore(results_dir, run_id).read_manifest)
-    cfg = _guard(RunConfig.model_validate, manifest["config"])
+    cfg = _guard(parse_config, without_network(manifest["config"]), f"run {run_id} manifest")
     if cfg.run_id() != run_id:
         _fail(f"run {run_id}: its manifest's config hashes to {cfg.run_id()} (was it edited by hand?)")
+    cfg = _guard(apply_overrides, cfg, cluster=cluster, listen=listen)
     summary = _guard(_run_with_progress, cfg, quiet)
     _print_summary(summary)
     if summary.failed:
@@ -431,10 +425,11 @@ def _run_suite(configs: list[Path], folder: Path, label: str, results_dir, cache
     if not configs:
         _fail(f"no configs in {folder}")
     from flows.pipeline import run_many
+    from flows.run_options import apply_overrides
     from tasks.config import load_config
 
     cfgs = [
-        _guard(_apply_overrides, _guard(load_config, p), None, None, False, results_dir, cache_dir) for p in configs
+        _guard(apply_overrides, _guard(load_config, p), results_dir=results_dir, cache_dir=cache_dir) for p in configs
     ]
     t0 = time.perf_counter()
     failed = False

@@ -6,16 +6,18 @@ Both take the planned units of :mod:`flows.planning` and return an :data:`~flows
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from flows.planning import Outcome, WorkPlan
 from storage.cache import AdversarialCache
 from storage.errors import DiskFullError
 from storage.run_store import RunStore
-from tasks.config import RunConfig
+from tasks.config import ConfigError, RunConfig
 from tasks.runtime import Runtime, torch_threads_for
 from tasks.shard_steps import attack_shard, defend_shard
 
@@ -137,18 +139,65 @@ def local_cluster(n_workers: int | None = None, host: str = "127.0.0.1") -> Iter
         yield cluster.scheduler_address, torch_threads_for(n), bool(gpus)
 
 
+def check_cluster(cfg: RunConfig) -> None:
+    """Before anything is written, what would otherwise hang: a scheduler (``--cluster``) must answer within
+    ``cluster.connect_timeout_s``, and GPU resources need a GPU on the local cluster."""
+    if cfg.cluster.in_process:
+        return
+    if cfg.cluster.address is not None:
+        check_scheduler(cfg.cluster.address, cfg.cluster.connect_timeout_s)
+    elif cfg.cluster.gpu_resources and default_workers(cfg)[1] == 0:
+        raise ConfigError(
+            "cluster.gpu_resources: true asks every task for a GPU, but the local cluster has none (torch sees no "
+            "GPU); the tasks would wait forever: remove gpu_resources"
+        )
+
+
+def check_scheduler(address: str, timeout_s: float) -> None:
+    """Ask the scheduler at ``address`` who it is, all within ``timeout_s`` (distributed's own connect timeout does
+    not cover its handshake: a port that accepts and never answers would hang it); ConfigError in one line."""
+    with ThreadPoolExecutor(1) as pool:  # a loop of its own, whether or not the caller runs one
+        try:
+            info = pool.submit(asyncio.run, _identity(address, timeout_s)).result()
+        except (TimeoutError, OSError) as e:
+            why = f" ({short_error(e)})" if str(e) else ""
+            raise ConfigError(f"--cluster {address}: no Dask scheduler answered within {timeout_s:g} s{why}") from None
+        except Exception as e:  # noqa: BLE001  (TLS settings, protocol errors: one line)
+            raise ConfigError(f"--cluster {address}: cannot connect ({short_error(e)})") from None
+    if not isinstance(info, dict) or info.get("type") != "Scheduler":
+        kind = info.get("type") if isinstance(info, dict) else type(info).__name__
+        raise ConfigError(f"--cluster {address}: a Dask {kind} answered, not a scheduler")
+
+
+async def _identity(address: str, timeout_s: float) -> Any:
+    from distributed.comm import connect
+    from distributed.security import Security  # TLS certificates from Dask's config (README, Security defaults)
+
+    async def ask() -> Any:
+        comm = await connect(address, timeout=timeout_s, **Security().get_connection_args("client"))
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            await comm.close()
+
+    return await asyncio.wait_for(ask(), timeout_s)
+
+
 def make_task_runner(cfg: RunConfig):
     from prefect_dask import DaskTaskRunner
 
     if cfg.cluster.address:
-        return DaskTaskRunner(address=cfg.cluster.address)
+        timeout = f"{cfg.cluster.connect_timeout_s}s"
+        return DaskTaskRunner(address=cfg.cluster.address, client_kwargs={"timeout": timeout})
     n_workers, gpus = default_workers(cfg)
+    host = cfg.cluster.host
     kwargs: dict[str, Any] = {
         "n_workers": n_workers,
         "threads_per_worker": cfg.cluster.threads_per_worker,
         "processes": True,
-        "host": cfg.cluster.host,
-        "dashboard_address": f"{cfg.cluster.host}:8787" if cfg.cluster.dashboard else None,
+        "host": host,
+        "dashboard_address": (f"[{host}]:8787" if ":" in host else f"{host}:8787") if cfg.cluster.dashboard else None,
     }
     if gpus:
         kwargs["resources"] = {"GPU": 1}
@@ -170,9 +219,12 @@ def execute_with_prefect(rt: Runtime, store: RunStore, plan: WorkPlan, on_done: 
     )
     runner = make_task_runner(cfg)
     progress.CALLBACK[0] = on_done
+    settings: dict[str, Any] = {"distributed.scheduler.allowed-failures": ALLOWED_WORKER_DEATHS}
+    if cfg.cluster.address:  # a scheduler that stops answering fails the run instead of hanging it
+        settings["distributed.comm.timeouts.connect"] = f"{cfg.cluster.connect_timeout_s}s"
     try:
-        # The flow's LocalCluster (and so its scheduler) is created inside the flow, under this setting.
-        with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_WORKER_DEATHS}), prefect_api():
+        # The flow's LocalCluster (and so its scheduler) is created inside the flow, under these settings.
+        with dask.config.set(settings), prefect_api():
             return evaluation_flow.with_options(task_runner=runner)(
                 cfg.model_dump_json(), store, plan, threads, use_gpus
             )

@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows.execution import OnDone, execute, local_cluster, prefect_api
+from flows.execution import OnDone, check_cluster, execute, local_cluster, prefect_api
 from flows.manifest import provenance, write_manifest
 from flows.planning import Outcome, WorkPlan, plan_work
 from storage.cache import AdversarialCache
 from storage.errors import DiskFullError
 from storage.run_store import RunStore
 from tasks.config import ConfigError, RunConfig
+from tasks.config_checks import without_network
 from tasks.paths import check_config_paths, check_output_tree
 from tasks.reduce import reduce_run
 from tasks.runtime import build_runtime
@@ -60,6 +61,7 @@ def run(
     store = RunStore(cfg.results_dir, cfg.run_id())
     # Check paths, then build (and so validate) dataset, model and adapter, before anything is written.
     check_config_paths(cfg)
+    check_cluster(cfg)  # a scheduler that does not answer fails here, in one line, not after the manifest is written
     rt = build_runtime(cfg)
     units = plan_units(rt)  # every (attack, defense) pair resolved and keyed, once
     preflight_defenses(rt, units)
@@ -94,7 +96,7 @@ def run(
 def resume(store: RunStore) -> RunSummary:
     """Run again the config recorded in a run's manifest (computes only what is missing or damaged)."""
     manifest = store.read_manifest()
-    cfg = RunConfig.model_validate(manifest["config"])
+    cfg = RunConfig.model_validate(without_network(manifest["config"]))  # --cluster / --listen are not recorded
     if cfg.run_id() != store.run_id:
         raise ConfigError(f"run {store.run_id}: its manifest's config hashes to {cfg.run_id()} (edited by hand?)")
     return run(cfg)
@@ -108,8 +110,12 @@ def run_many(
     runner = runner or run
     with local_cluster(n_workers) as (address, threads, gpus), prefect_api():
         for cfg in cfgs:
+            if cfg.cluster.in_process:
+                yield runner(cfg)
+                continue
             data = cfg.model_dump(mode="json")
-            data["cluster"].update(address=address, torch_threads=threads, gpu_resources=gpus)
+            local = {"n_workers": None, "dashboard": False, "host": "127.0.0.1"}  # sized and bound by the shared one
+            data["cluster"].update(address=address, torch_threads=threads, gpu_resources=gpus, **local)
             yield runner(RunConfig.model_validate(data))
 
 

@@ -2,6 +2,12 @@
 
 Names (dataset, model, attack, defense, views) are checked against the engine's registries at load time, and
 attack/defense parameters are checked by building the objects, so a typo fails before anything is written.
+
+Types are strict: a boolean is not a number, a string is not a number or a boolean, and every float is finite
+(``eps: true``, ``batch_size: "8"``, ``retry_delay_s: [.nan]`` fail naming the field). Fields that cannot take
+effect together (``dataset.limit`` with ``dataset.indices``, ``cluster.in_process`` with a cluster, ...) are an
+error, not one silently ignored. A config file is read by :mod:`tasks.config_yaml` (limits against hostile YAML)
+and checked by :mod:`tasks.config_checks` (no network exposure from a file, ``${VAR}`` only in paths).
 """
 
 from __future__ import annotations
@@ -9,23 +15,35 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from equicore.errors import EquirobustError
 from equicore.registry import ATTACKS, DATASETS, DEFENSES, LOSSES, MODELS
+from tasks.config_checks import (
+    LOCALHOST,
+    check_param_types,
+    check_scheduler_address,
+    expand_env,
+    factory_hints,
+    refuse_network_fields,
+    shown,
+)
+from tasks.config_errors import ConfigError
+from tasks.config_yaml import read_config_file
+
+__all__ = ["CLEAN", "ConfigError", "RunConfig", "expand_env", "load_config", "parse_config"]
 
 CLEAN = "clean"  # the pseudo-attack that leaves images unchanged (the "Clean" row of the paper's tables)
 TASK_METRICS = {"classification": "accuracy", "segmentation": "miou", "instance": "mask_ap"}
 DEFAULT_EVAL_DRAWS = 4  # draws of a randomised defense each image is scored under (eval_draws)
-
-
-class ConfigError(EquirobustError, ValueError):
-    """A run configuration that cannot be used; the message names the field."""
+MAX_ATTACKS = 256  # entries of `attacks` after suites and lambda_e sweeps are expanded
+MAX_DEFENSES = 64
+MAX_WORKERS = 512  # local Dask worker processes
+MAX_RETRY_DELAY_S = 3600.0
 
 
 def _checked(fn, value):
@@ -37,20 +55,56 @@ def _checked(fn, value):
     return value
 
 
+def _built(build: Callable[[], Any], name: str, hints: dict[str, Any], params: dict[str, Any]) -> None:
+    """Build an attack or defense: the engine's own checks speak first (their messages), then the declared types
+    catch what the engine lets through (``eps: true``) or trips over (``target: 5``), naming the parameter."""
+    try:
+        build()
+    except EquirobustError as e:
+        raise ValueError(str(e)) from None
+    except Exception as e:  # noqa: BLE001  (a factory surprised by a type: say which parameter)
+        _checked(lambda p: check_param_types(name, hints, p), params)
+        raise ValueError(f"{name}: {type(e).__name__}: {e}") from None
+    _checked(lambda p: check_param_types(name, hints, p), params)
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: no bool as a number, no "8" as a number, no "yes" as a boolean; allow_inf_nan: every float is finite
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+def _hints(registry: Any, name: str, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Declared types of the parameters of registered factory ``name`` (none for an unknown name)."""
+    if name not in registry:
+        return {}
+    return {k: v for k, v in factory_hints(registry.get(name)).items() if k not in skip}
 
 
 class DatasetConfig(_Strict):
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
     limit: int | None = Field(default=None, ge=1, description="evaluate the first N samples")
-    indices: list[int] | None = Field(default=None, description="evaluate exactly these indices")
+    indices: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None, description="evaluate exactly these indices (not with limit)"
+    )
 
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
         return _checked(DATASETS.get, v)
+
+    @model_validator(mode="after")
+    def _selection(self) -> DatasetConfig:
+        if self.limit is not None and self.indices is not None:
+            raise ConfigError(
+                "limit and indices conflict: indices selects exactly the samples to evaluate, so limit would be "
+                "ignored; give one of them"
+            )
+        if self.indices is not None and len(set(self.indices)) != len(self.indices):
+            dupes = sorted({i for i in self.indices if self.indices.count(i) > 1})
+            raise ConfigError(f"indices: {dupes[:5]} listed more than once; each sample is evaluated once")
+        _checked(lambda p: check_param_types(self.name, _hints(DATASETS, self.name), p), self.params)
+        return self
 
 
 class ModelConfig(_Strict):
@@ -64,6 +118,12 @@ class ModelConfig(_Strict):
     def _known(cls, v: str) -> str:
         return _checked(MODELS.get, v)
 
+    @model_validator(mode="after")
+    def _typed(self) -> ModelConfig:
+        hints = _hints(MODELS, self.name, frozenset({"checkpoint"}))
+        _checked(lambda p: check_param_types(self.name, hints, p), self.params)
+        return self
+
 
 class AttackConfig(_Strict):
     model_config = ConfigDict(extra="allow", frozen=True)  # attack parameters, checked by building the attack
@@ -73,8 +133,10 @@ class AttackConfig(_Strict):
     def _build(self) -> AttackConfig:
         if self.name != CLEAN:
             from equicore.attacks import build_attack
+            from equicore.attacks.attack import ATTACK_PARAMS, Attack
 
-            _checked(lambda _: build_attack(self.name, **self.params()), self.name)
+            hints = {k: v for k, v in factory_hints(Attack).items() if k in ATTACK_PARAMS}
+            _built(lambda: build_attack(self.name, **self.params()), self.name, hints, self.params())
         elif self.params():
             raise ConfigError(f"attack 'clean' takes no parameters, got {sorted(self.params())}")
         return self
@@ -125,7 +187,15 @@ class DefenseConfig(_Strict):
 
     @model_validator(mode="after")
     def _build(self) -> DefenseConfig:
-        _checked(lambda _: DEFENSES.build(self.name, **self.params()), self.name)
+        _built(
+            lambda: DEFENSES.build(self.name, **self.params()), self.name, _hints(DEFENSES, self.name), self.params()
+        )
+        draws = self.eval_draws or 1
+        if draws > 1 and not DEFENSES.build(self.name, **self.params()).randomized:
+            raise ConfigError(
+                f"eval_draws: {self.eval_draws} draws of defense {self.name!r}, which is not randomised (every draw "
+                "is the same); remove eval_draws"
+            )
         return self
 
     def params(self) -> dict[str, Any]:
@@ -137,7 +207,7 @@ class MeasureConfig(_Strict):
 
     enabled: bool = True
     views: str | list[Any] = "paper"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
 
     @field_validator("views")
     @classmethod
@@ -172,19 +242,55 @@ class ReportConfig(_Strict):
 
 
 class ClusterConfig(_Strict):
-    address: str | None = Field(default=None, description="existing Dask scheduler, e.g. tcp://host:8786")
-    n_workers: int | None = Field(default=None, ge=1, description="default: one per GPU, else one per 2 cores")
-    threads_per_worker: int = Field(default=1, ge=1)
-    torch_threads: int | None = Field(
-        default=None, ge=1, description="torch threads per worker (default: cores/workers)"
+    """Where a run executes. ``address`` and a non-loopback ``host`` come only from the command line (``--cluster``,
+    ``--listen``): a config file naming them is refused (:func:`tasks.config_checks.refuse_network_fields`)."""
+
+    address: str | None = Field(
+        default=None, description="existing Dask scheduler, e.g. tcp://host:8786 (only from --cluster)"
     )
-    host: str = Field(default="127.0.0.1", description="interface the local scheduler and workers bind to")
+    n_workers: int | None = Field(
+        default=None, ge=1, le=MAX_WORKERS, description="default: one per GPU, else one per 2 cores"
+    )
+    threads_per_worker: int = Field(default=1, ge=1, le=64)
+    torch_threads: int | None = Field(
+        default=None, ge=1, le=256, description="torch threads per worker (default: cores/workers)"
+    )
+    host: str = Field(
+        default=LOCALHOST, description="interface the local scheduler and workers bind to (non-loopback: --listen)"
+    )
     gpu_resources: bool | None = Field(
         default=None,
         description="annotate GPU work with Dask resources {GPU: 1} (default: for local clusters with GPUs)",
     )
     dashboard: bool = False
     in_process: bool = Field(default=False, description="run shards sequentially in this process (no Dask)")
+    connect_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, description="seconds to reach the scheduler of --cluster before giving up"
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        return None if v is None else _checked(check_scheduler_address, v)
+
+    @model_validator(mode="after")
+    def _one_way_to_run(self) -> ClusterConfig:
+        """Settings of one way of running that another would silently ignore are an error."""
+        ways = {"in_process": self.in_process, "address (--cluster)": self.address is not None}
+        local = {
+            "n_workers (--workers)": self.n_workers is not None,
+            "dashboard": self.dashboard,
+            "host (--listen)": self.host != LOCALHOST,
+        }
+        if all(ways.values()):
+            raise ConfigError("in_process and address (--cluster) conflict: run in this process or on a scheduler")
+        for way, chosen in ways.items():
+            clash = [k for k, v in local.items() if v]
+            if chosen and clash:
+                raise ConfigError(
+                    f"{way} and {clash[0]} conflict: {clash[0].split(' ')[0]} applies to a local Dask cluster only"
+                )
+        return self
 
 
 def expand_sweeps(data: Any) -> Any:
@@ -283,12 +389,14 @@ class RunConfig(_Strict):
     measure: MeasureConfig = Field(default_factory=MeasureConfig)
     shard_size: int = Field(default=64, ge=1)
     batch_size: int = Field(default=32, ge=1)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cache_dir: str = ".equi/cache"
     results_dir: str = ".equi/results"
     retries: int = Field(default=2, ge=0, le=20)
-    retry_delay_s: list[float] = Field(default_factory=lambda: [2.0, 10.0])
+    retry_delay_s: list[Annotated[float, Field(ge=0, le=MAX_RETRY_DELAY_S)]] = Field(
+        default_factory=lambda: [2.0, 10.0], max_length=20
+    )
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     worst_case: bool = Field(
@@ -297,12 +405,31 @@ class RunConfig(_Strict):
         "built from the cached per-attack outputs, so it never changes a number of its own",
     )
 
-    suite_used: dict[str, Any] | None = Field(default=None, description="the suite the attacks were expanded from")
+    suite_used: SuiteConfig | None = Field(default=None, description="the suite the attacks were expanded from")
 
     @model_validator(mode="before")
     @classmethod
     def _expand_sweeps(cls, data: Any) -> Any:
-        return expand_sweeps(expand_suite(data))
+        data = expand_sweeps(expand_suite(data))
+        for kind, most in (("attacks", MAX_ATTACKS), ("defenses", MAX_DEFENSES)):
+            entries = data.get(kind) if isinstance(data, dict) else None
+            if isinstance(entries, list) and len(entries) > most:
+                raise ConfigError(f"{kind}: {len(entries)} entries (suites and sweeps expanded); at most {most}")
+        return data
+
+    @model_validator(mode="after")
+    def _no_conflicts(self) -> RunConfig:
+        """Fields that cannot take effect together: one of them would be silently ignored, or the run would hang."""
+        if self.report.layout == "equivariance" and not self.measure.enabled:
+            raise ConfigError(
+                "report.layout 'equivariance' (Table 4) shows the equivariance measure, but measure.enabled is false"
+            )
+        if self.cluster.gpu_resources and self.device == "cpu" and not self.cluster.address:
+            raise ConfigError(
+                "cluster.gpu_resources: true asks every task for a GPU, but device is cpu: the local workers have "
+                "none and the tasks would wait forever; remove gpu_resources or set device: cuda"
+            )
+        return self
 
     @model_validator(mode="after")
     def _attacks_fit_task(self) -> RunConfig:
@@ -388,6 +515,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     if isinstance(ctx_err, Exception):
         msg = str(ctx_err)
     msg = msg.removeprefix("Value error, ")
+    if first["type"].endswith("_type") or first["type"] == "finite_number":  # strict types: say what was given
+        msg = f"{msg}, got {shown(first.get('input'))}"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{source}: {loc}: {msg}{more}"
 
@@ -403,39 +532,14 @@ def parse_config(data: Any, source: str = "config") -> RunConfig:
         raise ConfigError(f"{source}: {e}") from None
 
 
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def expand_env(data: Any, where: str = "") -> Any:
-    """Replace ``${VAR}`` in string values (dataset roots, checkpoint paths of the paper presets); an unset
-    variable is an error naming it and the field, not a path that silently does not exist."""
-    if isinstance(data, dict):
-        return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in data.items()}
-    if isinstance(data, list):
-        return [expand_env(v, f"{where}.{i}") for i, v in enumerate(data)]
-    if isinstance(data, str):
-
-        def sub(m: re.Match[str]) -> str:
-            if m.group(1) not in os.environ:
-                raise ConfigError(f"{where}: environment variable {m.group(1)} is not set")
-            return os.environ[m.group(1)]
-
-        return _ENV_REF.sub(sub, data)
-    return data
-
-
 def load_config(path: str | os.PathLike[str]) -> RunConfig:
+    """A config FILE: read within limits (:mod:`tasks.config_yaml`), without network settings (those come from the
+    command line), ``${VAR}`` expanded in path fields, then validated."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}:{where} malformed YAML: {getattr(e, 'problem', e)}") from None
+    data = read_config_file(p)
     if isinstance(data, dict):
         try:
+            refuse_network_fields(data)
             data = expand_env(data)
         except ConfigError as e:
             raise ConfigError(f"{p}: {e}") from None

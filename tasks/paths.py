@@ -5,6 +5,7 @@
   neither leaving it by ``..`` nor through a symlink that resolves elsewhere.
 - An absolute path (also one that ``${VAR}`` expands to, as in ``configs/paper/``) is the user's explicit choice and
   declares its own root; it may not contain ``..``.
+- No path may hold a control character (NUL, newline, escape, ...), with or without ``--allow-outside-roots``.
 - Inside the output roots, the folders equirobust writes into (``samples/``, ``results/``, ``runs/``,
   ``failures/``, ``locks/``) must not be symlinks leading outside; inside a data root, loaders refuse files that
   resolve outside it (:func:`equicore.datasets.base.check_inside`).
@@ -21,17 +22,13 @@ from pathlib import Path
 
 from equicore.datasets.base import ALLOW_OUTSIDE_ROOTS_ENV, outside_roots_allowed
 from tasks.config import ConfigError, RunConfig
+from tasks.config_checks import is_path_param, shown
 from tasks.runtime import RANDOM_INIT
 
 __all__ = ["ALLOW_OUTSIDE_ROOTS_ENV", "check_config_paths", "check_output_tree", "config_paths"]
 
-_PATH_PARAM_SUFFIXES = ("_root", "_dir", "_file", "_path")
 _OUTPUT_SUBDIRS = ("samples", "results", "runs", "failures", "locks")
 _HINT = "pass --allow-outside-roots to allow it"
-
-
-def _is_path_param(key: str) -> bool:
-    return key == "root" or key.endswith(_PATH_PARAM_SUFFIXES)
 
 
 def config_paths(cfg: RunConfig) -> Iterator[tuple[str, str]]:
@@ -41,7 +38,7 @@ def config_paths(cfg: RunConfig) -> Iterator[tuple[str, str]]:
     if cfg.model.checkpoint not in (None, RANDOM_INIT):
         yield "model.checkpoint", cfg.model.checkpoint
     for key, value in cfg.dataset.params.items():
-        if _is_path_param(key) and isinstance(value, str):
+        if is_path_param(key) and isinstance(value, str):
             yield f"dataset.params.{key}", value
 
 
@@ -64,6 +61,9 @@ def check_path(field: str, value: str, cwd: Path) -> None:
 
 def check_config_paths(cfg: RunConfig, cwd: Path | None = None) -> None:
     """Check every path of `cfg` before anything is read or written."""
+    for field, value in config_paths(cfg):
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ConfigError(f"{field}: {shown(value)} contains a control character (NUL, newline, escape, ...)")
     if outside_roots_allowed():
         return
     cwd = Path(os.path.abspath(cwd or Path.cwd()))

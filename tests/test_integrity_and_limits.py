@@ -216,3 +216,38 @@ def test_workers_drop_the_heartbeat_failure_of_a_closing_scheduler_and_nothing_e
         for f in [f for f in logger.filters if isinstance(f, ShutdownNoiseFilter)]:
             logger.removeFilter(f)
     assert seen == ["Unexpected exception during heartbeat. Closing worker.", "Compute Failed"]
+
+
+class _FakeClient:
+    def __init__(self) -> None:
+        self.ran: list[object] = []
+
+    def run(self, fn):  # noqa: ANN001
+        self.ran.append(fn)
+        return {}
+
+
+@pytest.mark.parametrize("address", [None, "tcp://127.0.0.1:8786"])
+def test_the_runner_quiets_the_workers_of_its_own_cluster_only(address: str | None) -> None:
+    from flows.dask_shutdown import LocalDaskTaskRunner
+
+    runner = LocalDaskTaskRunner(address=address) if address else LocalDaskTaskRunner(cluster_kwargs={})
+    runner.__enter__()
+    client = runner._client = _FakeClient()  # what submitting the first task would have created
+    runner.__exit__(None, None, None)
+    assert client.ran == ([] if address else [quiet_shutdown_logs])
+
+
+@pytest.mark.pipeline
+def test_a_shared_local_cluster_quiets_its_real_workers_before_closing() -> None:
+    from distributed import Client, LocalCluster
+
+    from flows.dask_shutdown import quiet_cluster_workers
+
+    def filters() -> list[str]:
+        return [type(f).__name__ for f in logging.getLogger(WORKER_LOGGER).filters]
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as c:
+        quiet_cluster_workers(c)
+        with Client(c) as client:
+            assert list(client.run(filters).values()) == [["ShutdownNoiseFilter"]] * 2

@@ -227,54 +227,14 @@ def status(
     results_dir: ResultsOpt = DEFAULT_RESULTS,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Shards done / failed / pending, per run or per (attack, defense) of one run."""
-    from storage.run_store import RunStore
+    """Shards done / failed / pending, per run or per (attack, defense) of one run; a run whose process is gone is
+    "interrupted" (resume it). One run also shows its model's weights file and digest."""
+    from flows import cli_inspect
 
     if run_id is None:
-        stores = _guard(RunStore.all_in, results_dir)
-        rows = []
-        for store in stores:
-            st = _guard(store.status)
-            units = st["units"]
-            rows.append(
-                {
-                    "run_id": store.run_id,
-                    "status": st["manifest"].get("status"),
-                    "done": sum(u["done"] for u in units),
-                    "failed": sum(len(u["failed"]) for u in units),
-                    "pending": sum(u["pending"] for u in units),
-                    "updated_at": st["manifest"].get("updated_at"),
-                }
-            )
-        if as_json:
-            console.print_json(json.dumps(rows))
-            return
-        t = Table(title=f"runs in {results_dir}")
-        for col in ("run_id", "status", "done", "failed", "pending", "updated_at"):
-            t.add_column(col)
-        for r in rows:
-            t.add_row(*(str(r[c]) for c in ("run_id", "status", "done", "failed", "pending", "updated_at")))
-        console.print(t if rows else f"no runs in {results_dir}")
-        return
-    st = _guard(RunStore(results_dir, run_id).status)
-    if as_json:
-        console.print_json(json.dumps(st["units"], default=str))
-        return
-    m = st["manifest"]
-    t = Table(title=f"{run_id} ({m.get('status')}, {m.get('n_samples')} samples, {m.get('n_shards')} shards)")
-    for col in ("attack", "defense", "done", "failed", "pending"):
-        t.add_column(col)
-    for u in st["units"]:
-        t.add_row(u["attack"], u["defense"], str(u["done"]), str(len(u["failed"])), str(u["pending"]))
-    console.print(t)
-    for u in st["units"]:
-        for f in u["failed"]:
-            console.print(
-                f"failed: {u['attack']} / {u['defense']} shard {f['shard']} "
-                f"(attempts {f.get('attempts')}): {f['error']}",
-                highlight=False,
-                markup=False,
-            )
+        _guard(cli_inspect.print_runs, console, results_dir, as_json)
+    else:
+        _guard(cli_inspect.print_run_status, console, results_dir, run_id, as_json)
 
 
 @app.command()
@@ -282,28 +242,26 @@ def query(
     sql: Annotated[str, typer.Argument(help="DuckDB SQL over the views `results` and `samples` (read-only)")],
     results_dir: ResultsOpt = DEFAULT_RESULTS,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table, csv or json")] = "table",
+    timeout_s: Annotated[
+        float, typer.Option("--timeout-s", help="stop the query after this many seconds (0: no limit)")
+    ] = 60.0,
+    max_rows: Annotated[
+        int, typer.Option("--max-rows", help="refuse results longer than this (0: no limit)")
+    ] = 100_000,
+    memory_limit: Annotated[
+        str, typer.Option("--memory-limit", help="DuckDB's memory for the query, e.g. 2GB (nothing spills to disk)")
+    ] = "2GB",
 ) -> None:
-    """Query results with DuckDB. Views: results (one row per metric), samples (one row per image)."""
-    from storage.query import query as run_query
+    """Query results with DuckDB. Views: results (one row per metric), samples (one row per image). Limits (time,
+    rows, memory) stop a runaway query with one line; the defaults match storage.query's DEFAULT_* values."""
+    from flows import cli_inspect
 
-    table = _guard(run_query, results_dir, sql)
-    rows = table.to_pylist()
-    if fmt == "json":
-        console.print_json(json.dumps(rows, default=str))
-    elif fmt == "csv":
-        import csv
-
-        w = csv.writer(sys.stdout)
-        w.writerow(table.column_names)
-        for r in rows:
-            w.writerow([r[c] for c in table.column_names])
-    else:
-        t = Table()
-        for c in table.column_names:
-            t.add_column(c)
-        for r in rows:
-            t.add_row(*(f"{v:.4f}" if isinstance(v, float) else escape(str(v)) for v in r.values()))
-        console.print(t)
+    if fmt not in cli_inspect.QUERY_FORMATS:
+        _fail(f"--format: expected {', '.join(cli_inspect.QUERY_FORMATS)}, got {fmt!r}")
+    if timeout_s < 0 or max_rows < 0:
+        _fail(f"--timeout-s and --max-rows: expected values >= 0 (0: no limit), got {timeout_s:g} and {max_rows}")
+    limits = (timeout_s or None, max_rows or None)
+    _guard(cli_inspect.print_query, console, results_dir, sql, fmt, *limits, memory_limit)
 
 
 def _print_report(results_dir: str, run_id: str, fmt: str, output: Path | None = None) -> None:

@@ -121,6 +121,8 @@ def local_cluster(n_workers: int | None = None, host: str = "127.0.0.1") -> Iter
     import torch
     from distributed import LocalCluster
 
+    from flows.dask_shutdown import quiet_cluster_workers
+
     gpus = torch.cuda.device_count()
     n = n_workers or (gpus or (os.cpu_count() or 1))
     kwargs: dict[str, Any] = {
@@ -136,7 +138,10 @@ def local_cluster(n_workers: int | None = None, host: str = "127.0.0.1") -> Iter
         dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_WORKER_DEATHS}),
         LocalCluster(**kwargs) as cluster,
     ):
-        yield cluster.scheduler_address, torch_threads_for(n), bool(gpus)
+        try:
+            yield cluster.scheduler_address, torch_threads_for(n), bool(gpus)
+        finally:
+            quiet_cluster_workers(cluster)
 
 
 def check_cluster(cfg: RunConfig) -> None:
@@ -187,6 +192,8 @@ async def _identity(address: str, timeout_s: float) -> Any:
 def make_task_runner(cfg: RunConfig):
     from prefect_dask import DaskTaskRunner
 
+    from flows.dask_shutdown import LocalDaskTaskRunner
+
     if cfg.cluster.address:
         timeout = f"{cfg.cluster.connect_timeout_s}s"
         return DaskTaskRunner(address=cfg.cluster.address, client_kwargs={"timeout": timeout})
@@ -201,7 +208,7 @@ def make_task_runner(cfg: RunConfig):
     }
     if gpus:
         kwargs["resources"] = {"GPU": 1}
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
+    return LocalDaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
 
 
 def execute_with_prefect(rt: Runtime, store: RunStore, plan: WorkPlan, on_done: OnDone | None = None) -> Outcome:

@@ -1,6 +1,6 @@
 """A run's provenance (config hash, git sha, package versions, code version) and its manifest ``runs/<run>.json``:
-the config, the sample and shard counts, and every planned (attack, defense) unit with its storage keys, so status
-and reports need not rebuild the model."""
+the config, the sample and shard counts, the model's weights (file and digest) and every planned (attack, defense)
+unit with its storage keys, so status and reports need not rebuild the model."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from equicore.models.checkpoint import is_shipped
+from equicore.models.common import resolve_checkpoint
 from storage.errors import StorageError
 from storage.run_store import RunStore
 from tasks.config import RunConfig
@@ -46,6 +48,18 @@ def provenance(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
+def weights_record(rt: Runtime) -> dict[str, Any]:
+    """Which weights the run's model holds: the file (or "none" for a seeded random init), whether it is shipped with
+    equirobust, and the sha256 ``weights_digest`` of its tensors (the digest the cache keys hold)."""
+    path = resolve_checkpoint(rt.cfg.model.name, rt.cfg.model.checkpoint, "set model.checkpoint")
+    return {
+        "model": rt.cfg.model.name,
+        "checkpoint": str(path) if path is not None else "none",
+        "shipped": path is not None and is_shipped(path),
+        "weights_digest": rt.model_digest,
+    }
+
+
 def unit_records(units: RunUnits) -> list[dict[str, Any]]:
     """The (attack, defense) units with their storage keys, attack-major as planned (reports rely on the order)."""
     return [
@@ -73,6 +87,7 @@ def write_manifest(
         "n_samples": len(rt.indices),
         "n_shards": units.n_shards,
         "updated_at": dt.datetime.now(dt.UTC).isoformat(),
+        "weights": weights_record(rt),
         "units": unit_records(units),
         **provenance(cfg),
         **(extra or {}),

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from equicore.datasets.scan import check_samples
 from flows.execution import OnDone, check_cluster, execute, local_cluster, prefect_api
 from flows.manifest import provenance, write_manifest
 from flows.planning import Outcome, WorkPlan, plan_work
@@ -63,6 +64,7 @@ def run(
     check_config_paths(cfg)
     check_cluster(cfg)  # a scheduler that does not answer fails here, in one line, not after the manifest is written
     rt = build_runtime(cfg)
+    check_samples(rt.dataset, rt.indices)  # every selected image decodes: a bad file is named now, not mid-run
     units = plan_units(rt)  # every (attack, defense) pair resolved and keyed, once
     preflight_defenses(rt, units)
     check_output_dirs(cfg)

@@ -62,3 +62,7 @@ class RunNotFoundError(StorageError):
 
 class QueryError(StorageError):
     """A DuckDB query that failed or that is not a read-only statement; the message is one line."""
+
+
+class QueryLimitError(QueryError):
+    """A read-only query that ran past its time limit or returned more rows than allowed."""

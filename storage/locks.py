@@ -5,6 +5,10 @@ the second one is told which process holds the run instead. The kernel releases 
 (SIGKILL included), so a crashed run never leaves a stale lock behind and ``equi resume`` can take over at once.
 The file records the holder (host, pid, start time) for the message; it is never deleted, because unlinking a lock
 file while another process is about to lock it would let two processes hold locks on two different files.
+
+``lock_holder`` (what ``equi status`` asks to tell "running" from "interrupted") tests the lock with a shared,
+non-blocking ``flock`` released at once; it never waits and never keeps it. A run starting at that instant retries
+its exclusive lock for a moment (``_PROBE_GRACE_S``), so a status probe is never mistaken for a live run.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import fcntl
 import json
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,8 @@ from .errors import RunLockedError
 from .keys import safe_component
 
 __all__ = ["lock_path", "lock_holder", "open_lock_file", "run_lock"]
+
+_PROBE_GRACE_S = 0.5  # how long a run retries its lock before calling it held (a status probe holds it for µs)
 
 
 def open_lock_file(path: Path) -> int:
@@ -87,15 +94,26 @@ def _describe(holder: dict[str, Any]) -> str:
     return text
 
 
+def _lock_exclusive(fd: int) -> bool:
+    """Take the exclusive lock, retrying for ``_PROBE_GRACE_S`` (a ``lock_holder`` probe may hold it briefly)."""
+    deadline = time.monotonic() + _PROBE_GRACE_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+
 @contextlib.contextmanager
 def run_lock(results_dir: str | Path, run_id: str) -> Iterator[Path]:
     """Hold the run's lock for the duration of the block; RunLockedError at once if a live process holds it."""
     path = lock_path(results_dir, run_id)
     fd = open_lock_file(path)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _lock_exclusive(fd):
             holder = _read_holder(fd)
             raise RunLockedError(
                 f"run {run_id} is already running ({_describe(holder)}; lock {path}): wait for it to finish, or "

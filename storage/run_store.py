@@ -123,11 +123,19 @@ class RunStore:
     def lock_holder(self) -> dict[str, Any] | None:
         return L.lock_holder(self.results_dir, self.run_id)
 
+    def run_state(self, manifest: Mapping[str, Any] | None = None) -> str:
+        """The manifest's status, except that a run recorded as "running" whose lock no process holds any more (its
+        process group was killed, or its machine went down) is "interrupted": ``equi resume`` finishes it."""
+        manifest = self.read_manifest() if manifest is None else manifest
+        return _state(manifest, self.lock_holder())
+
     # ------------------------------------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:
         """Shards done / failed / pending per (attack, defense) unit of the manifest, from the manifest and the files
-        alone (no model, no config): ``{"manifest": ..., "units": [{**unit, "done", "failed", "pending"}, ...]}``."""
+        alone (no model, no config): ``{"manifest": ..., "state": run_state, "holder": lock holder or None, "units":
+        [{**unit, "done", "failed", "pending"}, ...]}``."""
         manifest = self.read_manifest()
+        holder = self.lock_holder()
         failed = {(f["unit_key"], int(f["shard"])): f for f in self.failures()}
         units = []
         for u in manifest.get("units", []):
@@ -142,4 +150,9 @@ class RunStore:
                 else:
                     pending += 1
             units.append({**u, "done": done, "failed": bad, "pending": pending})
-        return {"manifest": manifest, "units": units}
+        return {"manifest": manifest, "state": _state(manifest, holder), "holder": holder, "units": units}
+
+
+def _state(manifest: Mapping[str, Any], holder: Mapping[str, Any] | None) -> str:
+    status = str(manifest.get("status") or "unknown")
+    return "interrupted" if status == "running" and holder is None else status

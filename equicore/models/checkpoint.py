@@ -2,6 +2,11 @@
 
 Every checkpoint goes through ``torch.load(..., weights_only=True)``: a file that pickles code (any global other
 than tensors and plain containers) is refused, never executed. Failures raise ``CheckpointError`` naming the path.
+
+Integrity: a checkpoint with a card beside it (``<file>.card.json``, written by ``save_checkpoint``; every shipped
+file has one) must hold exactly the tensors whose ``weights_digest`` the card records, else ``CheckpointError``
+naming the file and both digests. Shipped weights (under ``weights/``) without a card are refused. The digest is
+computed once per process per file version (path, size, mtime).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +31,8 @@ from equicore.errors import CheckpointError
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 _NBT = "num_batches_tracked"
 _MAX_LISTED = 5  # how many offending keys an error message lists before "... and N more"
+SHIPPED_DIR = Path(__file__).resolve().parent / "weights"  # = equicore.models.common.WEIGHTS_DIR
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime_ns) -> weights_digest of its tensors
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, expected: str = "") -> dict[str, Tensor]:
@@ -40,11 +48,21 @@ def load_checkpoint(path: str | os.PathLike[str], *, expected: str = "") -> dict
     if not p.is_file():
         raise CheckpointError(f"checkpoint is not a file: {p}{what}")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it did not write; the refusal below says what matters.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(p, map_location="cpu", weights_only=True)
     except PermissionError as exc:
         raise CheckpointError(f"cannot read checkpoint {p}: {exc.strerror}") from None
     except pickle.UnpicklingError as exc:
         msg = str(exc)
+        operand = re.search(r"Unsupported operand \d+", msg)
+        if operand:  # random bytes, or a pickle torch.save did not write (e.g. pickle.dump of objects)
+            raise CheckpointError(
+                f"refusing to load {p}: it is not a checkpoint of tensors that the safe loader (weights_only=True) "
+                f"can read ({operand.group(0)}: garbage, or a plain pickle); re-save it with "
+                "torch.save(model.state_dict(), path)"
+            ) from None
         if "Weights only load failed" in msg or "Unsupported" in msg:
             detail = _unpickler_detail(msg)
             raise CheckpointError(
@@ -57,12 +75,66 @@ def load_checkpoint(path: str | os.PathLike[str], *, expected: str = "") -> dict
         # torch.load reports a damaged file with a variety of exception types; what they share is "unreadable".
         reason = str(exc).strip().splitlines()[0].split(". ")[0][:200] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"checkpoint {p} is truncated or corrupt ({reason})") from None
-    return _extract_state_dict(obj, p)
+    state = _extract_state_dict(obj, p)
+    verify_against_card(p, state)
+    return state
+
+
+def _file_identity(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def checkpoint_digest(path: str | os.PathLike[str], state: Mapping[str, Tensor] | None = None) -> str:
+    """``weights_digest`` of the checkpoint file at ``path`` (of ``state`` when already read from it), computed
+    once per process per file version: the same path, size and mtime give the cached digest."""
+    p = Path(path)
+    ident = _file_identity(p)
+    digest = _DIGESTS.get(ident)
+    if digest is None:
+        digest = weights_digest(state if state is not None else load_checkpoint(p))
+        _DIGESTS[ident] = digest
+    return digest
+
+
+def is_shipped(path: str | os.PathLike[str]) -> bool:
+    """True for a file under the package's shipped ``weights/`` folder (models and heads)."""
+    try:
+        return Path(path).resolve().is_relative_to(SHIPPED_DIR)
+    except (OSError, RuntimeError):
+        return False
+
+
+def verify_against_card(path: Path, state: Mapping[str, Tensor]) -> None:
+    """CheckpointError unless the tensors read from ``path`` are those its card records (no card: nothing to check,
+    except that shipped weights must have one)."""
+    shipped = is_shipped(path)
+    card = read_card(path)
+    recorded = card.get("weights_digest") if isinstance(card, dict) else None
+    if not isinstance(recorded, str) or not recorded:
+        if shipped:
+            raise CheckpointError(
+                f"shipped weights {path} have no card with a weights digest ({card_path(path).name}) to verify them "
+                "against; reinstall equirobust"
+            )
+        return
+    actual = checkpoint_digest(path, state)
+    if actual != recorded:
+        what = (
+            f"shipped weights {path} do not match their card"
+            if shipped
+            else f"checkpoint {path} does not match its card"
+        )
+        fix = "reinstall equirobust or rebuild them with `equi train`" if shipped else "re-save it with its card"
+        raise CheckpointError(
+            f"{what}: weights digest {actual} (file) vs {recorded} (recorded in {card_path(path).name}); the file was "
+            f"altered or replaced: {fix}"
+        )
 
 
 def _unpickler_detail(msg: str) -> str:
     """The one useful line of torch's long weights_only message, e.g. 'Unsupported global: GLOBAL __main__.Foo'."""
-    m = re.search(r"Unsupported [^.]*?: (?:GLOBAL )?[\w.]+", msg)
+    m = re.search(r"Unsupported [^.]*?: (?:GLOBAL )?[\w.]+", msg) or re.search(r"unsupported GLOBAL [\w.]+", msg)
     return m.group(0) if m else ""
 
 
@@ -209,8 +281,10 @@ def read_card(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         return None
     try:
         return json.loads(cp.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"model card {cp} is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read model card {cp}: {exc.strerror}") from None
 
 
 def _atomic_write(target: Path, write: Any) -> None:

@@ -3,7 +3,11 @@ digits from tests/fixtures) and table comparison."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +87,24 @@ def write_same_shard(results_dir: str, writer: int, rounds: int) -> None:
     for _ in range(rounds):
         R.discard_shard(R.shard_path(results_dir, "race", "a", "d", 0))  # force a fresh write each round
         R.write_shard(results_dir, "race", unit, rows, {"n": np.arange(5)})
+
+
+def kill_the_holder(
+    fault_dir: Path, point: str = "defend", shard: int = 1, wait_s: float = 240
+) -> tuple[threading.Thread, list[int]]:
+    """Start a thread that SIGKILLs the process parked at fault point ``point:shard:...:hold`` (its pid file appears
+    in ``fault_dir``). Returns the thread and the list the killed pid is appended to."""
+    killed: list[int] = []
+
+    def kill() -> None:
+        pid_file = fault_dir / f"hold-{point}-{shard}.pid"
+        deadline = time.monotonic() + wait_s
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if pid_file.exists():
+            killed.append(int(pid_file.read_text()))
+            os.kill(killed[0], signal.SIGKILL)
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread, killed

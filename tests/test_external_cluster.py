@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from flows import pipeline
 from storage import results as R
 from tasks.config import parse_config
 from tasks.faults import hits
-from tests.pipeline_helpers import REPO, table_rows, tiny_config, write_config
+from tests.pipeline_helpers import REPO, kill_the_holder, table_rows, tiny_config, write_config
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.slow]
 
@@ -140,19 +139,7 @@ def test_equi_run_on_a_dask_cli_cluster_survives_a_worker_sigkill(tmp_path: Path
     address, procs = cluster
     small = {"shard_size": 10, "batch_size": 10}  # 2 shards: 2 attack and 8 defense tasks
     cfg = tiny_config(tmp_path, cluster={"torch_threads": 1}, **small)
-    killed: list[int] = []
-
-    def kill_the_holder() -> None:
-        pid_file = tmp_path / "hold-defend-1.pid"
-        deadline = time.monotonic() + 240
-        while not pid_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if pid_file.exists():
-            killed.append(int(pid_file.read_text()))
-            os.kill(killed[0], signal.SIGKILL)
-
-    killer = threading.Thread(target=kill_the_holder, daemon=True)
-    killer.start()
+    killer, killed = kill_the_holder(tmp_path)
     out = subprocess.run(
         [sys.executable, "-m", "flows.cli", "run", str(write_config(tmp_path, cfg)), "--cluster", address, "-q"],
         cwd=REPO,

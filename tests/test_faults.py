@@ -20,8 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -36,7 +34,7 @@ from storage.locks import lock_holder
 from storage.query import query
 from tasks.config import parse_config
 from tasks.faults import hits
-from tests.pipeline_helpers import REPO, table_rows, tiny_config, write_config, write_same_shard
+from tests.pipeline_helpers import REPO, kill_the_holder, table_rows, tiny_config, write_config, write_same_shard
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.slow]
 
@@ -86,19 +84,7 @@ def test_sigkill_of_a_worker_holding_a_shard_reschedules_it_and_the_table_is_unc
     monkeypatch.setenv("EQUI_FAULTS_DIR", str(tmp_path))
     monkeypatch.setenv("EQUI_FAULTS_HOLD_S", "120")
     cfg = parse_config(tiny_config(tmp_path, cluster={"n_workers": 2, **THREADS}))
-    killed: list[int] = []
-
-    def kill_the_holder() -> None:
-        pid_file = tmp_path / "hold-defend-1.pid"
-        deadline = time.monotonic() + 240
-        while not pid_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if pid_file.exists():
-            killed.append(int(pid_file.read_text()))
-            os.kill(killed[0], signal.SIGKILL)
-
-    killer = threading.Thread(target=kill_the_holder, daemon=True)
-    killer.start()
+    killer, killed = kill_the_holder(tmp_path)
     summary = pipeline.run(cfg)
     killer.join(timeout=5)
     assert killed, "no worker reached the fault point"

@@ -30,9 +30,7 @@ from PIL import Image
 
 from equicore.models import checkpoint as C
 from equicore.models import common
-from flows import pipeline
-from tasks.config import parse_config
-from tests.pipeline_helpers import REPO, tiny_config
+from tests.pipeline_helpers import REPO
 from tests.test_bad_input_catalogue import (
     IMAGENET_FIXTURE,
     CompletedRun,
@@ -40,6 +38,7 @@ from tests.test_bad_input_catalogue import (
     _cli,
     _lenet_state,
     _RunsCode,
+    completed_run,  # noqa: F401  (a fixture, used by kept_run)
     snapshot,
 )
 
@@ -50,13 +49,10 @@ MARKER = "code-ran"  # a file that only appears if a payload executed
 
 # ---------------------------------------------------------------------------------------------- how cases run
 @pytest.fixture(scope="module")
-def kept_run(tmp_path_factory: pytest.TempPathFactory) -> CompletedRun:
-    """A run completed before the hostile inputs, in the results and cache folders they are run against."""
-    tmp = tmp_path_factory.mktemp("kept")
-    cfg = tiny_config(tmp, name="kept", cluster={"in_process": True, "torch_threads": 1})
-    summary = pipeline.run(parse_config(cfg))
-    assert summary.ok
-    return CompletedRun(cfg, summary.run_id, Path(cfg["results_dir"]), Path(cfg["cache_dir"]))
+def kept_run(completed_run: CompletedRun) -> CompletedRun:  # noqa: F811  (the imported fixture, injected by pytest)
+    """A run completed before the hostile inputs, in the results and cache folders they are run against (the
+    catalogue's own fixture, so both files set it up one way)."""
+    return completed_run
 
 
 @dataclass(frozen=True)

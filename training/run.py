@@ -106,8 +106,8 @@ def train(
             **({"pretrain": pretrain} if pretrain is not None else {}),
             "epochs": n_epochs,
             "epoch_times_s": [round(t, 1) for t in epoch_times],
-            "wall_time_s": round(train_time, 1),
-            "eval_time_s": round(eval_time, 1),
+            "wall_time_s": round(train_time, 3),
+            "eval_time_s": round(eval_time, 3),
             "machine": {**machine_info(), "load_average_at_epoch_ends": loads},
             "versions": library_versions(),
             "torch_version": torch.__version__,
@@ -153,5 +153,5 @@ def _run_pretrain(
         "lr": stage.lr,
         "epoch_times_s": [round(t, 1) for t in times],
         "load_average_at_epoch_ends": loads,
-        "wall_time_s": round(time.perf_counter() - t0, 1),
+        "wall_time_s": round(time.perf_counter() - t0, 3),
     }

@@ -1,42 +1,18 @@
 """equicore: the pure-PyTorch engine of equirobust (transforms, losses, attacks, defenses, metrics, models,
 datasets). No orchestration or storage imports here: everything is usable from a notebook or a test.
 
-Importing the package registers every built-in entry in the registries (``equicore.registry``), listed by kind in
-:data:`REGISTRIES`. Every entry has a code identity, ``REGISTRIES[kind].code_version(name)``.
+Every built-in entry is registered in the registries (``equicore.registry``), listed by kind in :data:`REGISTRIES`;
+the first lookup in any registry imports them (:mod:`equicore.builtins`), so importing the package alone does not
+import torch. Every entry has a code identity, ``REGISTRIES[kind].code_version(name)``.
 """
 
-from equicore import (  # noqa: F401  (imported for their registrations)
-    adapters,
-    attacks,
-    datasets,
-    defenses,
-    equivariance,
-    metrics,
-    models,
-    transforms,
-)
-from equicore.adapters import ADAPTERS
-from equicore.equivariance import OBJECTIVES
-from equicore.registry import ATTACKS, DATASETS, DEFENSES, LOSSES, METRICS, MODELS, TRANSFORMS, Registry
-from equicore.transforms import VIEW_SETS
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
 
-# Every registry of the engine, by the plural a config or ``equi list`` uses.
-REGISTRIES: dict[str, Registry] = {
-    "adapters": ADAPTERS,
-    "attacks": ATTACKS,
-    "datasets": DATASETS,
-    "defenses": DEFENSES,
-    "losses": LOSSES,
-    "metrics": METRICS,
-    "models": MODELS,
-    "objectives": OBJECTIVES,
-    "transforms": TRANSFORMS,
-    "views": VIEW_SETS,
-}
-
-__all__ = [
+_LAZY = (
     "ADAPTERS",
     "ATTACKS",
     "DATASETS",
@@ -48,5 +24,36 @@ __all__ = [
     "REGISTRIES",
     "TRANSFORMS",
     "VIEW_SETS",
-    "__version__",
-]
+)
+
+
+def __getattr__(name: str) -> Any:
+    """The registries, resolved on first access (PEP 562): that imports torch and every registration."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'equicore' has no attribute {name!r}")
+    from equicore import builtins  # noqa: F401  (registrations)
+    from equicore.adapters import ADAPTERS
+    from equicore.equivariance import OBJECTIVES
+    from equicore.registry import ATTACKS, DATASETS, DEFENSES, LOSSES, METRICS, MODELS, TRANSFORMS
+    from equicore.transforms import VIEW_SETS
+
+    # Every registry of the engine, by the plural a config or ``equi list`` uses.
+    registries = {
+        "adapters": ADAPTERS,
+        "attacks": ATTACKS,
+        "datasets": DATASETS,
+        "defenses": DEFENSES,
+        "losses": LOSSES,
+        "metrics": METRICS,
+        "models": MODELS,
+        "objectives": OBJECTIVES,
+        "transforms": TRANSFORMS,
+        "views": VIEW_SETS,
+    }
+    values = {kind.upper(): r for kind, r in registries.items() if kind not in ("views", "adapters", "objectives")}
+    values.update(ADAPTERS=ADAPTERS, OBJECTIVES=OBJECTIVES, VIEW_SETS=VIEW_SETS, REGISTRIES=registries)
+    globals().update(values)
+    return values[name]
+
+
+__all__ = [*_LAZY, "__version__"]

@@ -127,9 +127,16 @@ class Registry(Generic[T]):
 
     # ---------------------------------------------------------------------------------------------------- lookup
 
+    @property
+    def _loaded(self) -> dict[str, RegistryEntry]:
+        """The entries, the engine's built-in ones included: looking a name up is what imports them (torch and
+        all), so ``import equicore`` and the read-only CLI stay fast."""
+        load_builtins()
+        return self._entries
+
     def entry(self, name: str) -> RegistryEntry:
         try:
-            return self._entries[name]
+            return self._loaded[name]
         except (KeyError, TypeError):
             raise UnknownNameError(self.unknown_message(name)) from None
 
@@ -173,26 +180,26 @@ class Registry(Generic[T]):
         return built
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        return sorted(self._loaded)
 
     # Read like the name -> factory dicts some registries replaced (``VIEW_SETS.items()``); ``get`` raises.
     def keys(self) -> list[str]:
         return self.names()
 
     def values(self) -> list[Callable[..., T]]:
-        return [self._entries[n].factory for n in self.names()]
+        return [self._loaded[n].factory for n in self.names()]
 
     def items(self) -> list[tuple[str, Callable[..., T]]]:
-        return [(n, self._entries[n].factory) for n in self.names()]
+        return [(n, self._loaded[n].factory) for n in self.names()]
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name in self._entries
+        return isinstance(name, str) and name in self._loaded
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._loaded)
 
     def __repr__(self) -> str:
         base = self.base_cls
@@ -200,9 +207,24 @@ class Registry(Generic[T]):
 
     def unknown_message(self, name: object) -> str:
         """ "unknown <kind> 'x'; did you mean 'y'? (known: ...)": for lookups that raise their own error type."""
-        close = difflib.get_close_matches(str(name), self._entries, n=1)
+        close = difflib.get_close_matches(str(name), self._loaded, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return f"unknown {self.kind} {name!r}{hint} (known: {', '.join(self.names()) or 'none'})"
+
+
+_BUILTINS_STATE = {"loaded": False}
+
+
+def load_builtins() -> None:
+    """Import every module of the engine that registers built-in entries (once; safe to call during that import)."""
+    if _BUILTINS_STATE["loaded"]:
+        return
+    _BUILTINS_STATE["loaded"] = True  # before the import: registering modules may look names up while loading
+    try:
+        import equicore.builtins  # noqa: F401  (registrations)
+    except BaseException:
+        _BUILTINS_STATE["loaded"] = False
+        raise
 
 
 def accepted_params(factory: Callable[..., Any]) -> set[str] | None:

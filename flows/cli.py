@@ -11,13 +11,13 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 app = typer.Typer(
@@ -52,7 +52,7 @@ AllowOutsideOpt = Annotated[
 def _allow_outside_roots(allow: bool) -> None:
     # An environment variable, not a config key: a config cannot lift the check itself, and local Dask workers
     # (spawned after this) inherit it.
-    from equicore.datasets.base import ALLOW_OUTSIDE_ROOTS_ENV
+    from equicore.environment import ALLOW_OUTSIDE_ROOTS_ENV
 
     if allow:
         os.environ[ALLOW_OUTSIDE_ROOTS_ENV] = "1"
@@ -65,6 +65,8 @@ def _quiet_libraries(verbose: bool) -> None:
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
         for name in ("distributed", "prefect", "httpx"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        # Dask picks another port itself; the dashboard's address is printed as a start-up phase instead.
+        warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -90,50 +92,12 @@ def _guard(fn, *args, **kwargs):
 
 
 def _run_with_progress(cfg, quiet: bool):
-    from flows import pipeline
+    from flows.cli_progress import run_with_progress
     from flows.run_options import exposure_warning
 
     if warning := exposure_warning(cfg):  # --listen on a non-loopback interface
         err_console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
-
-    if quiet or not sys.stderr.isatty():
-
-        def on_plan(plan):
-            _print_repaired(plan.repaired)
-            err_console.print(
-                f"{cfg.name}: {len(plan.attack_units)} attack shard(s) and {len(plan.defend_units)} defense shard(s) "
-                f"to compute ({plan.total_defend - len(plan.defend_units)} already done)",
-                highlight=False,
-            )
-
-        return pipeline.run(cfg, on_plan=on_plan)
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        # No stdout/stderr proxies: Dask pickles task functions, and rich's proxies hold locks.
-        redirect_stdout=False,
-        redirect_stderr=False,
-    )
-    bars: dict[str, int] = {}
-
-    def on_plan(plan):
-        _print_repaired(plan.repaired)
-        bars["attack"] = progress.add_task("attack shards ", total=len(plan.attack_units))
-        bars["defend"] = progress.add_task("defense shards", total=len(plan.defend_units))
-
-    def on_done(kind: str):
-        progress.advance(bars[kind])
-
-    with progress:
-        return pipeline.run(cfg, on_plan=on_plan, on_done=on_done)
-
-
-def _print_repaired(repaired: list[str]) -> None:
-    for message in repaired:
-        err_console.print(f"[bold yellow]damaged:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    return run_with_progress(cfg, quiet, err_console)
 
 
 def _print_summary(summary) -> None:
@@ -142,6 +106,7 @@ def _print_summary(summary) -> None:
         f"{summary.computed} unit-shard(s) computed, {summary.skipped} already done, {len(summary.failed)} failed "
         f"({summary.seconds:.1f} s). Results: {summary.results_dir}",
         highlight=False,
+        soft_wrap=True,
     )
     if summary.repaired:
         console.print(
@@ -158,6 +123,16 @@ def _print_summary(summary) -> None:
         console.print(f"Fix the cause, then `equi resume {summary.run_id}` recomputes only these.", highlight=False)
 
 
+LimitOpt = Annotated[int | None, typer.Option("--limit", help="evaluate only the first N samples (a new run id)")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda (not part of the run id)")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", help="override a config field, e.g. --set attacks.1.steps=2 (repeatable; checked like the file)"
+    ),
+]
+
+
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="run configuration (YAML)")],
@@ -171,6 +146,12 @@ def run(
     ] = False,
     results_dir: Annotated[str | None, typer.Option(help="override the config's results_dir")] = None,
     cache_dir: Annotated[str | None, typer.Option(help="override the config's cache_dir")] = None,
+    limit: LimitOpt = None,
+    device: DeviceOpt = None,
+    sets: SetOpt = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print the plan and its estimated cost; compute and write nothing")
+    ] = False,
     report: Annotated[bool, typer.Option(help="print the report table when done")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect/Dask logs")] = False,
@@ -183,7 +164,13 @@ def run(
     from tasks.config import load_config
 
     flags = dict(cluster=cluster, listen=listen, workers=workers, in_process=in_process, results_dir=results_dir)
-    cfg = _guard(apply_overrides, _guard(load_config, config), **flags, cache_dir=cache_dir)
+    cfg = _guard(load_config, config, sets or (), limit=limit, device=device)
+    cfg = _guard(apply_overrides, cfg, **flags, cache_dir=cache_dir)
+    if dry_run:
+        from flows.cli_plan import print_dry_run
+
+        _guard(print_dry_run, console, cfg)
+        return
     summary = _guard(_run_with_progress, cfg, quiet)
     _print_summary(summary)
     if report:
@@ -198,6 +185,7 @@ def resume(
     results_dir: ResultsOpt = DEFAULT_RESULTS,
     cluster: ClusterOpt = None,
     listen: ListenOpt = None,
+    device: DeviceOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     allow_outside_roots: AllowOutsideOpt = False,
@@ -214,7 +202,7 @@ def resume(
     cfg = _guard(parse_config, without_network(manifest["config"]), f"run {run_id} manifest")
     if cfg.run_id() != run_id:
         _fail(f"run {run_id}: its manifest's config hashes to {cfg.run_id()} (was it edited by hand?)")
-    cfg = _guard(apply_overrides, cfg, cluster=cluster, listen=listen)
+    cfg = _guard(apply_overrides, cfg, cluster=cluster, listen=listen, device=device)
     summary = _guard(_run_with_progress, cfg, quiet)
     _print_summary(summary)
     if summary.failed:
@@ -518,29 +506,15 @@ def list_entries(
     ],
 ) -> None:
     """List registered names (what a config may use)."""
-    import equicore  # noqa: F401
-    from equicore.registry import ATTACKS, DATASETS, DEFENSES, LOSSES, METRICS, MODELS, TRANSFORMS
-    from equicore.transforms import VIEW_SETS
+    from equicore import catalogue  # the registries' names without importing torch (kept in sync by a test)
 
-    registries = {
-        "attacks": ATTACKS,
-        "losses": LOSSES,
-        "defenses": DEFENSES,
-        "models": MODELS,
-        "datasets": DATASETS,
-        "transforms": TRANSFORMS,
-        "metrics": METRICS,
-    }
-    if kind == "views":
-        for n in sorted(VIEW_SETS):
-            console.print(n)
-        return
-    if kind not in registries:
-        _fail(f"kind: expected one of {sorted([*registries, 'views'])}, got {kind!r}")
-    reg = registries[kind]
-    for n in reg.names():
-        meta = {k: v for k, v in reg.meta(n).items() if isinstance(v, (str, int, float, tuple, list))}
-        console.print(f"{n}  {meta if meta else ''}", highlight=False, markup=False)
+    kinds = sorted(k for k in catalogue.read() if k not in ("adapters", "objectives"))
+    if kind not in kinds:
+        _fail(f"kind: expected one of {kinds}, got {kind!r}")
+    for n in catalogue.names(kind):
+        meta = {k: tuple(v) if isinstance(v, list) else v for k, v in catalogue.meta(kind, n).items()}
+        line = f"{n}  {meta if meta and kind != 'views' else ''}".rstrip()
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def main() -> None:  # pragma: no cover

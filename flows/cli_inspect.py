@@ -49,13 +49,30 @@ def print_runs(console: Console, results_dir: str, as_json: bool) -> None:
         return
     t = Table(title=f"runs in {results_dir}")
     for col in _RUN_COLUMNS:
-        t.add_column(col)
-    for r in rows:
-        t.add_row(*(str(r[c]) for c in _RUN_COLUMNS))
-    console.print(t if rows else f"no runs in {results_dir}")
+        t.add_column(col, no_wrap=True)  # a run id is what the user copies into `equi resume`: never shortened
+    cells = [[str(r[c]) for c in _RUN_COLUMNS] for r in rows]
+    for row in cells:
+        t.add_row(*row)
+    if not rows:
+        console.print(f"no runs in {results_dir}")
+        return
+    print_whole(console, t, cells)
     for r in rows:
         if r["status"] == "interrupted":
             console.print(f"interrupted: {r['run_id']}; `equi resume {r['run_id']}` finishes it", highlight=False)
+
+
+def print_whole(console: Console, table: Table, rows: list[list[str]]) -> None:
+    """Print ``table`` at its natural width even on a narrow terminal (which then wraps lines): a table squeezed
+    to fit would shorten run ids and hide columns. ``rows``: its cells as text, to measure it."""
+    widths = [max([len(str(c.header)), *(len(r[i]) for r in rows)]) for i, c in enumerate(table.columns)]
+    natural = sum(widths) + 3 * len(widths) + 1  # one space either side of a cell, and the borders
+    if natural <= console.width:
+        console.print(table)
+        return
+    # Console.print caps its width at the console's; a console of the table's width on the same stream does not.
+    wide = Console(file=console.file, width=natural, force_terminal=console.is_terminal, no_color=console.no_color)
+    wide.print(table, crop=False)
 
 
 def state_line(run_id: str, state: str, holder: dict[str, Any] | None) -> str | None:
@@ -89,12 +106,15 @@ def print_run_status(console: Console, results_dir: str, run_id: str, as_json: b
         console.print_json(json.dumps(st["units"], default=str))
         return
     m = st["manifest"]
-    t = Table(title=f"{run_id} ({st['state']}, {m.get('n_samples')} samples, {m.get('n_shards')} shards)")
+    # The run id on a line of its own, not in a title rich would wrap mid-id.
+    console.print(f"{run_id} ({st['state']}, {m.get('n_samples')} samples, {m.get('n_shards')} shards)", soft_wrap=True)
+    t = Table()
     for col in ("attack", "defense", "done", "failed", "pending"):
-        t.add_column(col)
-    for u in st["units"]:
-        t.add_row(u["attack"], u["defense"], str(u["done"]), str(len(u["failed"])), str(u["pending"]))
-    console.print(t)
+        t.add_column(col, no_wrap=True)
+    cells = [[u["attack"], u["defense"], str(u["done"]), str(len(u["failed"])), str(u["pending"])] for u in st["units"]]
+    for row in cells:
+        t.add_row(*row)
+    print_whole(console, t, cells)
     for line in (state_line(run_id, st["state"], st["holder"]), weights_line(m)):
         if line:
             console.print(line, highlight=False, markup=False, soft_wrap=True)

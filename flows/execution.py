@@ -226,6 +226,7 @@ def execute_with_prefect(rt: Runtime, store: RunStore, plan: WorkPlan, on_done: 
     )
     runner = make_task_runner(cfg)
     progress.CALLBACK[0] = on_done
+    announce_startup(cfg, n_workers)
     settings: dict[str, Any] = {"distributed.scheduler.allowed-failures": ALLOWED_WORKER_DEATHS}
     if cfg.cluster.address:  # a scheduler that stops answering fails the run instead of hanging it
         settings["distributed.comm.timeouts.connect"] = f"{cfg.cluster.connect_timeout_s}s"
@@ -237,6 +238,26 @@ def execute_with_prefect(rt: Runtime, store: RunStore, plan: WorkPlan, on_done: 
             )
     finally:
         progress.CALLBACK[0] = None
+
+
+def announce_startup(cfg: RunConfig, n_workers: int) -> None:
+    """Name the start-up phases of a Prefect + Dask run, and the links to its dashboards when they are on."""
+    from prefect.settings import get_current_settings
+
+    from flows.progress import phase
+
+    api = os.environ.get("PREFECT_API_URL") or get_current_settings().api.url
+    if api:
+        phase(f"using the Prefect server at {api} (UI: {api.removesuffix('/api')})")
+    else:
+        phase("starting a temporary Prefect API on 127.0.0.1 (run `prefect server start` to keep one, with its UI)")
+    if cfg.cluster.address:
+        phase(f"submitting to the Dask cluster at {cfg.cluster.address}")
+    else:
+        phase(f"starting a local Dask cluster: {n_workers} worker process(es) on {cfg.cluster.host}")
+        if cfg.cluster.dashboard:
+            host = f"[{cfg.cluster.host}]" if ":" in cfg.cluster.host else cfg.cluster.host
+            phase(f"Dask dashboard: http://{host}:8787/status (another port if 8787 is taken: see --verbose)")
 
 
 def execute(rt: Runtime, store: RunStore, plan: WorkPlan, on_done: OnDone | None = None) -> Outcome:

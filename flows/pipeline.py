@@ -21,6 +21,7 @@ from equicore.datasets.scan import check_samples
 from flows.execution import OnDone, check_cluster, execute, local_cluster, prefect_api
 from flows.manifest import provenance, write_manifest
 from flows.planning import Outcome, WorkPlan, plan_work
+from flows.progress import phase
 from storage.cache import AdversarialCache
 from storage.errors import DiskFullError
 from storage.run_store import RunStore
@@ -62,9 +63,14 @@ def run(
     store = RunStore(cfg.results_dir, cfg.run_id())
     # Check paths, then build (and so validate) dataset, model and adapter, before anything is written.
     check_config_paths(cfg)
+    if cfg.cluster.address:
+        phase(f"connecting to the Dask scheduler at {cfg.cluster.address}")
     check_cluster(cfg)  # a scheduler that does not answer fails here, in one line, not after the manifest is written
+    phase(f"loading dataset {cfg.dataset.name} and model {cfg.model.name}")
     rt = build_runtime(cfg)
+    phase(f"checking that the {len(rt.indices)} selected images decode")
     check_samples(rt.dataset, rt.indices)  # every selected image decodes: a bad file is named now, not mid-run
+    phase("planning: resolving every (attack, defense) pair and checking what is already done")
     units = plan_units(rt)  # every (attack, defense) pair resolved and keyed, once
     preflight_defenses(rt, units)
     check_output_dirs(cfg)

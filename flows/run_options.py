@@ -40,6 +40,7 @@ def apply_overrides(
     in_process: bool = False,
     results_dir: str | None = None,
     cache_dir: str | None = None,
+    device: str | None = None,
 ) -> RunConfig:
     """``cfg`` with the flags applied and validated again (ConfigError naming the flag)."""
     check_flags(cluster, listen, workers, in_process)
@@ -59,6 +60,8 @@ def apply_overrides(
         data["results_dir"] = results_dir
     if cache_dir:
         data["cache_dir"] = cache_dir
+    if device is not None:
+        data["device"] = device  # where it runs, not what it computes: the run id stays
     return parse_config(data, "config")
 
 

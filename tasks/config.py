@@ -12,10 +12,12 @@ and checked by :mod:`tasks.config_checks` (no network exposure from a file, ``${
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -46,6 +48,29 @@ MAX_WORKERS = 512  # local Dask worker processes
 MAX_RETRY_DELAY_S = 3600.0
 
 
+# Set during the static pass of validation (:func:`parse_config`): names are checked against the catalogue and nothing
+# is built, so a typo, an unknown key or a wrong type fails without importing torch.
+_STATIC_PASS: contextvars.ContextVar[bool] = contextvars.ContextVar("static_pass", default=False)
+
+
+@contextmanager
+def _static_pass() -> Iterator[None]:
+    token = _STATIC_PASS.set(True)
+    try:
+        yield
+    finally:
+        _STATIC_PASS.reset(token)
+
+
+def _known(plural: str, registry: Any, name: str) -> str:
+    """A registered name: from the static catalogue in the static pass, else from the live registry."""
+    if _STATIC_PASS.get():
+        from equicore import catalogue
+
+        return _checked(lambda n: catalogue.check_name(plural, n), name)
+    return _checked(registry.get, name)
+
+
 def _checked(fn, value):
     """Run a registry check; re-raise its error as ValueError so pydantic reports it with the field path."""
     try:
@@ -58,6 +83,8 @@ def _checked(fn, value):
 def _built(build: Callable[[], Any], name: str, hints: dict[str, Any], params: dict[str, Any]) -> None:
     """Build an attack or defense: the engine's own checks speak first (their messages), then the declared types
     catch what the engine lets through (``eps: true``) or trips over (``target: 5``), naming the parameter."""
+    if _STATIC_PASS.get():
+        return
     try:
         build()
     except EquirobustError as e:
@@ -74,8 +101,9 @@ class _Strict(BaseModel):
 
 
 def _hints(registry: Any, name: str, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """Declared types of the parameters of registered factory ``name`` (none for an unknown name)."""
-    if name not in registry:
+    """Declared types of the parameters of registered factory ``name`` (none for an unknown name, or in the static
+    pass)."""
+    if _STATIC_PASS.get() or name not in registry:
         return {}
     return {k: v for k, v in factory_hints(registry.get(name)).items() if k not in skip}
 
@@ -91,7 +119,7 @@ class DatasetConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        return _checked(DATASETS.get, v)
+        return _known("datasets", DATASETS, v)
 
     @model_validator(mode="after")
     def _selection(self) -> DatasetConfig:
@@ -116,7 +144,7 @@ class ModelConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        return _checked(MODELS.get, v)
+        return _known("models", MODELS, v)
 
     @model_validator(mode="after")
     def _typed(self) -> ModelConfig:
@@ -131,7 +159,9 @@ class AttackConfig(_Strict):
 
     @model_validator(mode="after")
     def _build(self) -> AttackConfig:
-        if self.name != CLEAN:
+        if self.name != CLEAN and _STATIC_PASS.get():
+            _known("attacks", ATTACKS, self.name)
+        elif self.name != CLEAN:
             from equicore.attacks import build_attack
             from equicore.attacks.attack import ATTACK_PARAMS, Attack
 
@@ -187,11 +217,13 @@ class DefenseConfig(_Strict):
 
     @model_validator(mode="after")
     def _build(self) -> DefenseConfig:
+        if _STATIC_PASS.get():
+            _known("defenses", DEFENSES, self.name)
         _built(
             lambda: DEFENSES.build(self.name, **self.params()), self.name, _hints(DEFENSES, self.name), self.params()
         )
         draws = self.eval_draws or 1
-        if draws > 1 and not DEFENSES.build(self.name, **self.params()).randomized:
+        if draws > 1 and not _STATIC_PASS.get() and not DEFENSES.build(self.name, **self.params()).randomized:
             raise ConfigError(
                 f"eval_draws: {self.eval_draws} draws of defense {self.name!r}, which is not randomised (every draw "
                 "is the same); remove eval_draws"
@@ -213,6 +245,8 @@ class MeasureConfig(_Strict):
     @classmethod
     def _known_views(cls, v: str | list[Any]) -> str | list[Any]:
         # Checked at load time like a defense's views: a typo must not surface only when a shard first scores.
+        if _STATIC_PASS.get():
+            return v
         from equicore.transforms import build_views
 
         return _checked(build_views, v)
@@ -434,6 +468,8 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _attacks_fit_task(self) -> RunConfig:
         # Fail at load time, not on a worker hours later: e.g. Houdini is a segmentation attack.
+        if _STATIC_PASS.get():
+            return self
         task = MODELS.meta(self.model.name).get("task")
         if not task:
             return self
@@ -525,6 +561,10 @@ def parse_config(data: Any, source: str = "config") -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     try:
+        if "suite" not in data:  # (suites are expanded by the engine's registries)
+            # Static pass first: most mistakes (unknown keys and names, types, bounds) fail here without torch.
+            with _static_pass():
+                RunConfig.model_validate(data)
         return RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, source)) from None
@@ -532,15 +572,24 @@ def parse_config(data: Any, source: str = "config") -> RunConfig:
         raise ConfigError(f"{source}: {e}") from None
 
 
-def load_config(path: str | os.PathLike[str]) -> RunConfig:
-    """A config FILE: read within limits (:mod:`tasks.config_yaml`), without network settings (those come from the
-    command line), ``${VAR}`` expanded in path fields, then validated."""
+def load_config(
+    path: str | os.PathLike[str], sets: Sequence[str] = (), *, limit: int | None = None, device: str | None = None
+) -> RunConfig:
+    """A config FILE: read within limits (:mod:`tasks.config_yaml`), command-line overrides applied (``--set``,
+    ``--limit``, ``--device``: :mod:`tasks.config_overrides`), without network settings (those come from their own
+    flags), ``${VAR}`` expanded in path fields, then validated."""
+    from tasks.config_overrides import apply_overrides
+
     p = Path(path)
     data = read_config_file(p)
+    flags = [*(f"--set {s}" for s in sets), *([f"--limit {limit}"] if limit is not None else [])]
+    flags += [f"--device {device}"] if device is not None else []
+    source = f"{p} (with {', '.join(flags)})" if flags else str(p)
     if isinstance(data, dict):
         try:
+            data = apply_overrides(data, sets, limit=limit, device=device)
             refuse_network_fields(data)
             data = expand_env(data)
         except ConfigError as e:
-            raise ConfigError(f"{p}: {e}") from None
-    return parse_config(data, str(p))
+            raise ConfigError(f"{source}: {e}") from None
+    return parse_config(data, source)

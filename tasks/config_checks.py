@@ -131,12 +131,24 @@ def is_env_field(where: str) -> bool:
 
 
 def expand_env(data: Any, where: str = "") -> Any:
-    """Replace ``${VAR}`` in path fields (dataset roots, checkpoint paths of the paper presets); an unset variable
-    is an error naming it and the field, not a path that silently does not exist."""
+    """Replace ``${VAR}`` in path fields (dataset roots, checkpoint paths of the paper presets); unset variables
+    are one error naming every one of them and its field, not paths that silently do not exist."""
+    missing: list[tuple[str, str]] = []
+    out = _expand(data, where, missing)
+    if len(missing) == 1:
+        raise ConfigError(f"{missing[0][1]}: environment variable {missing[0][0]} is not set")
+    if missing:
+        names = sorted({name for name, _ in missing})
+        needs = "; ".join(f"{field} needs ${{{name}}}" for name, field in missing)
+        raise ConfigError(f"environment variables {', '.join(names)} are not set ({needs}); set them all and run again")
+    return out
+
+
+def _expand(data: Any, where: str, missing: list[tuple[str, str]]) -> Any:
     if isinstance(data, dict):
-        return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in data.items()}
+        return {k: _expand(v, f"{where}.{k}" if where else str(k), missing) for k, v in data.items()}
     if isinstance(data, list):
-        return [expand_env(v, f"{where}.{i}") for i, v in enumerate(data)]
+        return [_expand(v, f"{where}.{i}", missing) for i, v in enumerate(data)]
     if isinstance(data, str) and _ENV_REF.search(data):
         if not is_env_field(where):
             raise ConfigError(
@@ -146,7 +158,8 @@ def expand_env(data: Any, where: str = "") -> Any:
 
         def sub(m: re.Match[str]) -> str:
             if m.group(1) not in os.environ:
-                raise ConfigError(f"{where}: environment variable {m.group(1)} is not set")
+                missing.append((m.group(1), where))
+                return m.group(0)
             return os.environ[m.group(1)]
 
         return _ENV_REF.sub(sub, data)

@@ -28,8 +28,10 @@ def test_shipped_configs_validate(path: Path):
 def test_paper_presets_need_their_paths_and_validate_with_them(path: Path, monkeypatch, tmp_path):
     for var in PRESET_VARS:
         monkeypatch.delenv(var, raising=False)
-    with pytest.raises(ConfigError, match="environment variable .* is not set"):
+    with pytest.raises(ConfigError, match="environment variables? .* not set") as err:
         load_config(path)
+    needed = [var for var in PRESET_VARS if f"${{{var}}}" in path.read_text()]
+    assert needed and all(var in str(err.value) for var in needed)  # every missing variable named at once
     for var in PRESET_VARS:
         monkeypatch.setenv(var, str(tmp_path / var.lower()))
     cfg = load_config(path)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from equicore.environment import ALLOW_OUTSIDE_ROOTS_ENV, outside_roots_allowed  # noqa: F401  (re-exported)
 from equicore.errors import DatasetError
 
 TASKS = ("classification", "segmentation", "instance")
@@ -136,14 +137,6 @@ def check_layout(root: Path, folders: Sequence[str], what: str) -> None:
         raise DatasetError(
             f"{root}: expected folders {expected} for {what} (missing: {', '.join(f'{m}/' for m in missing)})"
         )
-
-
-ALLOW_OUTSIDE_ROOTS_ENV = "EQUI_ALLOW_OUTSIDE_ROOTS"  # "1": set by `equi ... --allow-outside-roots`
-
-
-def outside_roots_allowed() -> bool:
-    """True when the user passed ``--allow-outside-roots`` (the CLI sets the variable for itself and its workers)."""
-    return os.environ.get(ALLOW_OUTSIDE_ROOTS_ENV) == "1"
 
 
 def check_inside(path: Path, root: Path | None) -> Path:

@@ -1,0 +1,129 @@
+"""``equi run --dry-run``: the plan of a config and what it would cost, without computing or writing anything.
+
+The cost is counted in *image passes*: one forward and backward pass of the model on one image (or one view of it).
+It is an upper bound from the declared budgets (attack steps x restarts x targets x EOT draws, Square's query budget,
+defense steps x views, the measure's views): APGD restarts and Square stop early on images already fooled. With
+``estimate_seconds`` the time of one image pass is measured here on a batch of the run's own images, so the estimate
+is this machine's, single process; Dask workers divide it roughly by their number.
+
+Unlike planning a real run (:func:`flows.planning.plan_work`), nothing is repaired or removed: a shard counts as
+done when its file exists, an attack shard as cached when the cache has its completion marker.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from storage.cache import AdversarialCache
+from storage.run_store import RunStore
+from tasks.config import RunConfig
+from tasks.units import AttackSpec, RunUnits, UnitSpec
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    what: str  # "attack pgd" or "attack pgd / defense equivariance"
+    shards_done: int
+    shards_to_compute: int
+    passes_per_image: float
+    passes_to_compute: float
+
+
+def _views(defense: Any) -> int:
+    views = getattr(defense, "views", None)
+    if views is None:
+        return 1
+    from equicore.transforms import build_views
+
+    return len(build_views(views))
+
+
+def defense_passes(defense: Any) -> float:
+    """Image passes of one purification of one image: steps x (the image + its views); 1 for a single forward."""
+    if defense is None or not getattr(defense, "optimizes_at_test_time", False):
+        return 1.0
+    per_step = 4 if getattr(defense, "kind", "") == "rotation" else _views(defense) + 1
+    return float(defense.steps * per_step)
+
+
+def attack_passes(spec: AttackSpec) -> float:
+    """Image passes of one attack of one image (an upper bound: early stops are not counted)."""
+    from equicore.attacks import build_attack
+
+    attack = build_attack(spec.attack.name, **spec.attack.params())
+    if attack.optimizer == "square":
+        return float(attack.n_queries)  # forward passes only
+    targets = attack.n_target_classes if attack.target == "top" else 1
+    per_step = 1.0 + (defense_passes(spec.target_defense) if attack.defense_aware else 0.0)
+    return float(attack.steps * attack.n_restarts * targets * attack.eot) * per_step
+
+
+def measure_passes(cfg: RunConfig) -> float:
+    if not cfg.measure.enabled:
+        return 0.0
+    from equicore.transforms import build_views
+
+    return 2.0 * (len(build_views(cfg.measure.views)) + 1)  # before and after the defense
+
+
+def plan_rows(cfg: RunConfig, units: RunUnits, shard_sizes: list[int]) -> list[PlanRow]:
+    store = RunStore(cfg.results_dir, cfg.run_id())
+    cache = AdversarialCache(cfg.cache_dir)
+    rows: list[PlanRow] = []
+    measure = measure_passes(cfg)
+    for spec in units.images:
+        done = [cache.has(spec.attack_key, s) for s in range(units.n_shards)]
+        per_image = attack_passes(spec)
+        todo = sum(n for n, d in zip(shard_sizes, done, strict=True) if not d)
+        rows.append(PlanRow(spec.label, sum(done), done.count(False), per_image, per_image * todo))
+    for pair in units.pairs:
+        pair_spec: UnitSpec = pair
+        done = [store.shard_path(pair.attack_key, pair.defense_key, s).exists() for s in range(units.n_shards)]
+        per_image = defense_passes(pair_spec.defense_spec) * pair_spec.eval_draws + measure
+        todo = sum(n for n, d in zip(shard_sizes, done, strict=True) if not d)
+        rows.append(PlanRow(pair.label, sum(done), done.count(False), per_image, per_image * todo))
+    return rows
+
+
+def seconds_per_pass(rt: Any, n_images: int = 4, repeats: int = 3) -> float:
+    """Median time of one forward+backward pass per image on a batch of the run's first images."""
+    import torch
+
+    x, _, _ = rt.batch(rt.indices[:n_images])
+    times = []
+    for _ in range(repeats):
+        xi = x.clone().requires_grad_(True)
+        t0 = time.perf_counter()
+        out = rt.adapter.forward(xi)
+        value = out.logits if isinstance(out.logits, torch.Tensor) else out.features
+        value.float().sum().backward()
+        times.append((time.perf_counter() - t0) / x.shape[0])
+    return sorted(times)[len(times) // 2]
+
+
+def dry_run(cfg: RunConfig, estimate_seconds: bool = True) -> dict[str, Any]:
+    """The plan of ``cfg`` as a dict: per attack and (attack, defense) its shards done / to compute and passes."""
+    from tasks.runtime import build_runtime, plan_shards
+    from tasks.units import plan_units
+
+    rt = build_runtime(cfg)
+    units = plan_units(rt)
+    sizes = [len(s) for s in plan_shards(rt.indices, cfg.shard_size)]
+    rows = plan_rows(cfg, units, sizes)
+    total = sum(r.passes_to_compute for r in rows)
+    out: dict[str, Any] = {
+        "run_id": cfg.run_id(),
+        "n_samples": len(rt.indices),
+        "n_shards": units.n_shards,
+        "rows": [r.__dict__ for r in rows],
+        "passes_to_compute": total,
+        "units_to_compute": sum(r.shards_to_compute for r in rows),
+        "units_done": sum(r.shards_done for r in rows),
+    }
+    if estimate_seconds:
+        per_pass = seconds_per_pass(rt)
+        out["seconds_per_pass"] = per_pass
+        out["estimated_seconds_one_process"] = per_pass * total
+    return out

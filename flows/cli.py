@@ -265,9 +265,14 @@ def query(
 
 
 def _print_report(results_dir: str, run_id: str, fmt: str, output: Path | None = None) -> None:
-    from reports.tables import report as render
+    if fmt == "html":  # one self-contained page: tables, plots, example grids
+        from reports.html_report import render_html_report
 
-    text = _guard(render, results_dir, run_id, fmt)
+        text = _guard(render_html_report, results_dir, run_id)
+    else:
+        from reports.tables import report as render
+
+        text = _guard(render, results_dir, run_id, fmt)
     if output:
         from storage.atomic import atomic_write_text
 

@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.pipeline import run
 from reports import figures
-from reports.html_report import attack_eps_sweep, render_html_report
+from reports.html_report import attack_eps_sweep, legend_html, render_html_report
 from reports.tables import RunIndex, label_rows, run_index
 from storage import results as R
 from storage.run_store import RunStore
@@ -237,6 +237,25 @@ def test_grids_name_the_classes() -> None:
     named = figures.example_grid([row], title="t $x", class_names=names)
     assert named == figures.example_grid([row], title="t $x", class_names=names)
     assert named != figures.example_grid([row], title="t $x")
+
+
+def test_class_legend_shows_names_and_label_map_colours() -> None:
+    assert legend_html([str(i) for i in range(10)], dense=False) == ""  # the names are the indices: nothing to add
+    dense = legend_html(["background", "<b>bag</b>"], dense=True)
+    colour = figures.palette(2)[1]
+    assert f"background:rgb({colour[0]},{colour[1]},{colour[2]})" in dense and "1: &lt;b&gt;bag&lt;/b&gt;" in dense
+    assert "swatch" not in legend_html(["cat", "dog"], dense=False)
+
+
+def test_run_without_results_table_still_has_metadata_and_shards(html_run, tmp_path) -> None:
+    results_dir, run_id = html_run
+    moved = tmp_path / "partial"
+    shutil.copytree(results_dir, moved)
+    R.results_table_path(str(moved), run_id).unlink()
+    text = render_html_report(str(moved), run_id)
+    assert "No results table yet" in text and "<img" not in text
+    assert run_id in text and "no results table yet" in text  # the status line says it too
+    assert re.findall(r"<h2>(.*?)</h2>", text) == ["Run", "Tables", "Failed shards"]
 
 
 def _png_gray() -> bytes:

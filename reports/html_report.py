@@ -329,7 +329,8 @@ def _examples_section(
         body = [
             "<p>Per sample: the clean, attacked and restored image, the ground truth (dense tasks), the prediction "
             "F(x) and each view's prediction g⁻¹F(gx) (the run's <code>measure.views</code>); for every defense, its "
-            f"attacks (other than clean when it has any; up to {per_defense}). Green: correct, red: wrong.</p>",
+            f"attacks (other than clean when it has any; up to {per_defense}). "
+            + ("Label maps in the colours of the classes below.</p>" if dense else "Green: correct, red: wrong.</p>"),
             legend_html(class_names, dense),
         ]
         body.append('<div class="grids">' + "".join(figure_html(png, caption, caption) for caption, _, png in grids))

@@ -253,12 +253,19 @@ def query(
 
 
 def _print_report(results_dir: str, run_id: str, fmt: str, output: Path | None = None) -> None:
-    from reports.tables import report as render
+    if fmt == "html":  # one self-contained page: tables, plots, example grids
+        from reports.html_report import render_html_report
 
-    text = _guard(render, results_dir, run_id, fmt)
+        text = _guard(render_html_report, results_dir, run_id)
+    else:
+        from reports.tables import report as render
+
+        text = _guard(render, results_dir, run_id, fmt)
     if output:
-        output.write_text(text)
-        console.print(f"wrote {output}")
+        from storage.atomic import atomic_write_text
+
+        _guard(atomic_write_text, output, text)  # whole or not at all: a report is never half written
+        console.print(f"wrote {output}", highlight=False, soft_wrap=True)
     else:
         sys.stdout.write(text)
 
@@ -308,8 +315,9 @@ def report(
         typer.Option(help="with --all: the experiments are these configs (*.yaml); missing/partial runs are flagged"),
     ] = None,
 ) -> None:
-    """The paper-style table of RUN_ID (one row per attack, one column per defense); with --all (or --out), Markdown
-    pages with tables, plots and example grids for every experiment, and an index of what is complete."""
+    """The paper-style table of RUN_ID (one row per attack, one column per defense); -f html -o FILE: one
+    self-contained HTML report (tables, plots, example grids); with --all (or --out), Markdown pages with tables,
+    plots and example grids for every experiment, and an index of what is complete."""
     if fmt not in ("markdown", "csv", "html"):
         _fail(f"--format: expected markdown, csv or html, got {fmt!r}")
     if all_runs and run_id is not None:

@@ -86,6 +86,8 @@ def write_manifest(
         "config": cfg.model_dump(mode="json"),
         "n_samples": len(rt.indices),
         "n_shards": units.n_shards,
+        # Reports name the classes in example grids without loading the dataset.
+        "class_names": [str(c) for c in getattr(rt.dataset, "class_names", ())],
         "updated_at": dt.datetime.now(dt.UTC).isoformat(),
         "weights": weights_record(rt),
         "units": unit_records(units),

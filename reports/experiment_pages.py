@@ -281,10 +281,18 @@ def _slug(text: str) -> str:
 
 
 def example_grids(
-    results_dir: str | Path, run_id: str, index: RunIndex | None, title: str, limit: int = 4
+    results_dir: str | Path,
+    run_id: str,
+    index: RunIndex | None,
+    title: str,
+    limit: int = 4,
+    *,
+    class_names: Sequence[str] | None = None,
+    every_defense: bool = False,
 ) -> list[tuple[str, str, bytes]]:
     """(caption, file-name part, PNG) per attack (up to ``limit``, non-clean first) for one defense: the last
-    ``equivariance`` entry of the config, else its last defense."""
+    ``equivariance`` entry of the config, else its last defense (``every_defense``: for each defense in turn).
+    ``class_names``: how the grids name classes (the run manifest's ``class_names``)."""
     if index is None:
         return []
     table = RunStore(results_dir, run_id).read_examples()
@@ -300,16 +308,19 @@ def example_grids(
     defenses = sorted({di for _, di in by_unit})
     if not defenses:
         return []
-    equi = [di for di in defenses if index.defenses[di][0] == "equivariance"]
-    di = equi[-1] if equi else defenses[-1]
-    attacks = sorted(ai for ai, d in by_unit if d == di)
-    attacks = [ai for ai in attacks if index.attacks[ai][0] != "clean"] or attacks
+    if not every_defense:
+        equi = [di for di in defenses if index.defenses[di][0] == "equivariance"]
+        defenses = [equi[-1] if equi else defenses[-1]]
     out = []
-    for ai in attacks[:limit]:
-        rows = sorted(by_unit[(ai, di)], key=lambda r: r["position"])
-        caption = f"{a_labels[ai]} → {d_labels[di]}"
-        png = figures.example_grid(rows, title=f"{title}: {caption}")
-        out.append((caption, f"{ai + 1}-{_slug(index.attacks[ai][0])}", png))
+    for di in defenses:
+        attacks = sorted(ai for ai, d in by_unit if d == di)
+        attacks = [ai for ai in attacks if index.attacks[ai][0] != "clean"] or attacks
+        for ai in attacks[:limit]:
+            rows = sorted(by_unit[(ai, di)], key=lambda r: r["position"])
+            caption = f"{a_labels[ai]} → {d_labels[di]}"
+            png = figures.example_grid(rows, title=f"{title}: {caption}", class_names=class_names)
+            part = f"{ai + 1}-{_slug(index.attacks[ai][0])}"
+            out.append((caption, part + (f"-{di + 1}-{_slug(index.defenses[di][0])}" if every_defense else ""), png))
     return out
 
 
@@ -375,7 +386,7 @@ def render_experiment(results_dir: str | Path, exp: Experiment) -> Page:
     heading = "## All numbers" if exp.layout != "attack_x_defense" else "## Tables"
     lines += [heading, "", render_markdown(build_tables(rows)).rstrip(), ""]
     lines += [*gradient_masking_warnings(rows), ""] if gradient_masking_warnings(rows) else []
-    grids = example_grids(results_dir, exp.run_id, index, exp.title)
+    grids = example_grids(results_dir, exp.run_id, index, exp.title, class_names=manifest.get("class_names"))
     if grids:
         lines += [
             "## Examples",

@@ -7,6 +7,7 @@ user's matplotlibrc says), no pyplot state, and no Software/date metadata in the
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -114,7 +115,7 @@ def line_plot(series: Sequence[Series], *, title: str, xlabel: str, ylabel: str,
                     ax.plot([xs[0], xs[-1]], [s.y[0]] * 2, linestyle="--", linewidth=1, label=s.label)
             else:
                 ax.plot(s.x, s.y, marker="o", markersize=4, linewidth=1.5, label=s.label)
-        ax.set_title(title)
+        ax.set_title(title, parse_math=False)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         if xs:
@@ -132,19 +133,29 @@ STATE_TITLES = {"clean": "clean", "attacked": "attacked", "restored": "restored"
 
 
 def _text_cell(ax, text: str, colour: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=14, color=colour, transform=ax.transAxes)
+    # parse_math=False: a class name is text, never mathtext ("$" in a name must not raise or be typeset).
+    text = text if len(text) <= 14 else text[:13] + "…"
+    size = 14 if len(text) <= 4 else 9 if len(text) <= 8 else 6
+    ax.text(
+        0.5, 0.5, text, ha="center", va="center", fontsize=size, color=colour, transform=ax.transAxes, parse_math=False
+    )
     ax.set_facecolor("#f6f8fa")
 
 
 def example_grid(rows: Sequence[Mapping[str, Any]], *, title: str, class_names: Sequence[str] | None = None) -> bytes:
     """Figure-2 grid: per sample three rows (clean / attacked / restored), columns the input image, the ground truth
     (dense tasks), the prediction F(x) and each view's prediction g^-1 F(g x). Classification predictions are
-    written as class indices (green: correct, red: wrong); label maps are drawn with :func:`palette`."""
+    written as class names (``class_names``; indices without them; green: correct, red: wrong); label maps are drawn
+    with :func:`palette`."""
     from tasks.png import NO_LABEL_8
 
     rows = list(rows)
     if not rows:
         raise ValueError("example_grid: no example rows")
+
+    def class_name(cls: int) -> str:
+        return str(class_names[cls]) if class_names and 0 <= cls < len(class_names) else str(cls)
+
     dense = rows[0]["task"] != "classification"
     views = list(rows[0].get("view_names") or [])
     # Classifier logits have no layout: g^-1 is the identity on them, so a view's prediction is F(g x).
@@ -172,15 +183,15 @@ def example_grid(rows: Sequence[Mapping[str, Any]], *, title: str, class_names: 
                     ax.imshow(colourise(decode_png(png), no_label))
 
             def show_class(ax, cls: int, label: int = label) -> None:
-                name = class_names[cls] if class_names and 0 <= cls < len(class_names) else str(cls)
-                _text_cell(ax, name, RIGHT if cls == label else WRONG)
+                _text_cell(ax, class_name(cls), RIGHT if cls == label else WRONG)
 
             for s, state in enumerate(("clean", "attacked", "restored")):
                 r = 3 * i + s
                 img = decode_png(ex[f"{state}_image"])
                 axes[r, 0].imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
-                suffix = f"\nlabel {label}" if state == "clean" and not dense else ""
-                axes[r, 0].set_ylabel(f"#{ex['position']} {STATE_TITLES[state]}{suffix}", fontsize=7)
+                shown = class_name(label)[:14]
+                suffix = f"\nlabel {shown}" if state == "clean" and not dense else ""
+                axes[r, 0].set_ylabel(f"#{ex['position']} {STATE_TITLES[state]}{suffix}", fontsize=7, parse_math=False)
                 c = 1
                 if dense:
                     show_map(axes[r, 1], ex.get("label_map") if state == "clean" else None)
@@ -192,8 +203,10 @@ def example_grid(rows: Sequence[Mapping[str, Any]], *, title: str, class_names: 
                     show_class(axes[r, c], int(ex[f"{state}_pred"]))
                     for k, cls in enumerate(ex.get(f"{state}_view_preds") or []):
                         show_class(axes[r, c + 1 + k], int(cls))
-        fig.suptitle(title, fontsize=8, y=0.995, va="top")
-        top = 1 - 0.62 / (0.65 + n_rows * size)
+        # Wrapped to the figure's width (about 15 characters an inch at 8 pt): a narrow grid keeps its whole title.
+        lines = textwrap.wrap(title, max(12, int((0.5 + n_cols * size) * 15))) or [""]
+        fig.suptitle("\n".join(lines), fontsize=8, y=0.995, va="top", parse_math=False)
+        top = 1 - (0.5 + 0.12 * len(lines)) / (0.65 + n_rows * size)
         left = 0.4 / (0.5 + n_cols * size)
         fig.subplots_adjust(left=left, right=0.99, bottom=0.02, top=top, wspace=0.08, hspace=0.12)
         return _png(fig)

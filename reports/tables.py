@@ -9,7 +9,6 @@ config in its manifest: ``equivariance (views=rotate15)``, ``pgd (eps=4)``. With
 from __future__ import annotations
 
 import csv
-import html
 import io
 import json
 import math
@@ -378,23 +377,10 @@ def render_csv(tables: list[Table]) -> str:
     return buf.getvalue()
 
 
-def render_html(tables: list[Table], header: str = "") -> str:
-    parts = ["<html><body>", f"<p>{html.escape(header)}</p>" if header else ""]
-    for t in tables:
-        parts.append(f"<h3>{html.escape(t.title)}</h3><table border='1'><tr><th>{html.escape(t.corner)}</th>")
-        parts += [f"<th>{html.escape(c)}</th>" for c in t.columns]
-        parts.append("</tr>")
-        for row in t.rows:
-            parts.append(f"<tr><td>{html.escape(row)}</td>")
-            parts += [f"<td>{html.escape(t.cells.get((row, c), '-'))}</td>" for c in t.columns]
-            parts.append("</tr>")
-        parts.append("</table>")
-        parts += [f"<p>{html.escape(n)}</p>" for n in t.notes]
-    parts.append("</body></html>")
-    return "\n".join(parts)
-
-
 def report(results_dir: str, run_id: str, fmt: str = "markdown") -> str:
+    """The run's tables as Markdown or CSV (the HTML report is :func:`reports.html_report.render_html_report`)."""
+    if fmt not in ("markdown", "csv"):
+        raise ValueError(f"format: expected markdown or csv, got {fmt!r}")
     store = RunStore(results_dir, run_id)
     table = store.read_results_table()
     rows = table.to_pylist()
@@ -408,9 +394,5 @@ def report(results_dir: str, run_id: str, fmt: str = "markdown") -> str:
     warnings = gradient_masking_warnings(rows)
     if fmt == "csv":
         return render_csv(tables)
-    if fmt == "html":
-        return render_html(tables, header + " ".join(warnings))
-    if fmt != "markdown":
-        raise ValueError(f"format: expected markdown, csv or html, got {fmt!r}")
     body = render_markdown(tables, header)
     return body + ("\n" + "\n".join(warnings) + "\n" if warnings else "")

@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from equicore.registry import set_builtins_loader
+
 __version__ = "0.1.0"
+
+
+def _load_builtins() -> None:
+    from equicore import builtins  # noqa: F401  (registrations)
+
+
+set_builtins_loader(_load_builtins)
 
 _LAZY = (
     "ADAPTERS",

@@ -212,18 +212,24 @@ class Registry(Generic[T]):
         return f"unknown {self.kind} {name!r}{hint} (known: {', '.join(self.names()) or 'none'})"
 
 
-_BUILTINS_STATE = {"loaded": False}
+_BUILTINS: dict[str, Any] = {"loaded": False, "loader": None}
+
+
+def set_builtins_loader(loader: Callable[[], None]) -> None:
+    """The function importing every built-in registration (``equicore/__init__.py`` sets it: the registry module
+    itself does not import the engine, which imports it)."""
+    _BUILTINS["loader"] = loader
 
 
 def load_builtins() -> None:
     """Import every module of the engine that registers built-in entries (once; safe to call during that import)."""
-    if _BUILTINS_STATE["loaded"]:
+    if _BUILTINS["loaded"] or _BUILTINS["loader"] is None:
         return
-    _BUILTINS_STATE["loaded"] = True  # before the import: registering modules may look names up while loading
+    _BUILTINS["loaded"] = True  # before the import: registering modules may look names up while loading
     try:
-        import equicore.builtins  # noqa: F401  (registrations)
+        _BUILTINS["loader"]()
     except BaseException:
-        _BUILTINS_STATE["loaded"] = False
+        _BUILTINS["loaded"] = False
         raise
 
 

@@ -194,3 +194,15 @@ def test_a_non_terminal_run_names_its_phases_and_logs_every_shard(tmp_path: Path
     lines = [line for line in text.splitlines() if " shard done: " in line]
     assert len(lines) == 2 + 2 * 2  # pgd's 2 attack shards, then 2 (attack, defense) pairs x 2 shards
     assert lines[-1].startswith("defense shard done: attack 2/2, defense 4/4") and lines[-1].endswith("eta 0:00")
+
+
+def test_the_dataset_options_page_is_generated_from_the_code() -> None:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "render_dataset_docs.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    page = (REPO / "docs" / "DATASETS.md").read_text()
+    assert "`class_index`" in page and "imagenet_class_index.json" in page

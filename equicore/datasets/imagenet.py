@@ -120,10 +120,15 @@ def imagenet(
     resize: int = 256,
     crop: int = 224,
 ) -> ImageNetFolder:
-    """ImageNet ``root/<split>/<wnid>/*.JPEG``; 3 x 224 x 224 after resize 256 + centre crop 224.
+    """ImageNet ``root/<split>/<wnid>/*.JPEG``; 3 x ``crop`` x ``crop`` after a bilinear resize of the shorter side
+    to ``resize`` and a centre crop (defaults 256 / 224, as the paper's models expect).
 
     ``fraction`` keeps an evenly spaced deterministic subset of the sorted file list (0.05 = every 20th file, the
-    paper's 5% evaluation subset; 1.0 = all). ``class_index``: optional JSON mapping wnid -> class index.
+    paper's 5% evaluation subset; 1.0 = all). ``class_index``: a JSON file giving each wnid folder its class index,
+    either ``{"n01440764": 0, ...}`` or Keras' ``imagenet_class_index.json`` (``{"0": ["n01440764", "tench"],
+    ...}``, whose names then label the classes); without it, classes are the sorted wnid folders (torchvision's
+    order, the one its checkpoints use). Needed when ``<split>/`` holds only some classes: the sorted order of a
+    subset would renumber them.
     """
     base = require_dir(root, "ImageNet")
     split_dir = base / split

@@ -7,6 +7,7 @@ functions return the command's exit code otherwise.
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 from pathlib import Path
 
@@ -86,10 +87,19 @@ def deploy(
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     owned: S.ServerInfo | None = None
     served = False
+    again = " ".join(
+        [f"equi deploy {shlex.quote(str(config))} --cron {shlex.quote(cron)}"]
+        + ([f"--name {shlex.quote(name)}"] if name else [])
+        + ([f"--timezone {shlex.quote(tz)}"] if tz else [])
+    )
     try:
-        api_url, owned = scheduled.resolve_server(config, cron, dep["results_dir"], start=start, port=port)
+        api_url, owned = scheduled.resolve_server(dep["results_dir"], start=start, port=port, deploy_command=again)
         if owned is not None:
-            console.print(f"started a Prefect server at {api_url} (pid {owned.pid}; log {owned.log})", highlight=False)
+            console.print(
+                f"started a Prefect server at {api_url} (pid {owned.pid}; log {owned.log})",
+                highlight=False,
+                soft_wrap=True,
+            )
         nxt = f"; next run {dep['next_run']}" if dep["next_run"] else ""
         console.print(
             f"serving deployment '{scheduled.FLOW_NAME}/{dep['name']}' on {api_url}: schedule '{cron}' "
@@ -102,14 +112,14 @@ def deploy(
     except KeyboardInterrupt:
         pass
     finally:
+        if served:
+            paused = "its schedule is paused until the next `equi deploy`"
+            console.print(
+                f"stopped serving '{scheduled.FLOW_NAME}/{dep['name']}' ({paused})", highlight=False, soft_wrap=True
+            )
         if owned is not None:  # a server this command started stops with it; `equi server start` ones stay
             S.stop_server(dep["results_dir"], only_pid=owned.pid)
             console.print(f"stopped the Prefect server this command started (pid {owned.pid})", highlight=False)
-    if served:
-        paused = "its schedule is paused until the next `equi deploy`"
-        console.print(
-            f"stopped serving '{scheduled.FLOW_NAME}/{dep['name']}' ({paused})", highlight=False, soft_wrap=True
-        )
     return 0
 
 

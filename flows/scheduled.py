@@ -15,6 +15,7 @@ redoing completed shards.
 from __future__ import annotations
 
 import os
+import shlex
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -140,12 +141,13 @@ def configured_api_url() -> str | None:
 
 
 def resolve_server(
-    config: Path, cron: str, results_dir: str, *, start: bool, port: int | None
+    results_dir: str, *, start: bool, port: int | None, deploy_command: str
 ) -> tuple[str, ServerInfo | None]:
     """The API to deploy on, and the server this command started (to stop when it stops), if any.
 
     In order: PREFECT_API_URL (it must answer); the server ``equi server start`` left running for the config's
-    results directory; a new one when ``start``; else ServerError naming the two commands to run."""
+    results directory; a new one when ``start``; else ServerError naming the two commands to run (the second is
+    ``deploy_command``)."""
     if url := configured_api_url():
         if why := api_error(url):
             raise ServerError(
@@ -165,8 +167,8 @@ def resolve_server(
         return info.api_url, info
     raise ServerError(
         "no Prefect server to keep the schedule (Prefect's temporary server forgets it when this command exits, and "
-        f"nothing would ever run); run `equi server start -r {results_dir}`, then "
-        f"`equi deploy {config} --cron '{cron}'` (or add --start-server)"
+        f"nothing would ever run); run `equi server start -r {shlex.quote(str(results_dir))}`, then "
+        f"`{deploy_command}` (or add --start-server)"
     )
 
 

@@ -153,6 +153,7 @@ def _flow_run_logs(client, flow_run_id, wait_s: float = 30) -> list[str]:
         time.sleep(0.5)
 
 
+@pytest.mark.slow  # a real Prefect server and an `equi deploy` process
 def test_the_deployment_is_registered_with_its_cron(nightly: Nightly) -> None:
     dep = _deployment(nightly.server.api_url, 120, nightly.deploy, nightly.output)
     assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in dep.schedules] == [(CRON, "Europe/Berlin", True)]
@@ -163,6 +164,28 @@ def test_the_deployment_is_registered_with_its_cron(nightly: Nightly) -> None:
     assert "next run" in out and "Your flow" not in out  # our line, not Prefect's banner
 
 
+def _listening(port: int) -> list[str]:
+    """The local addresses with a socket listening on ``port`` (Linux's /proc/net/tcp and tcp6)."""
+    found = []
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        path = Path("/proc/net") / table
+        for line in path.read_text().splitlines()[1:] if path.exists() else []:
+            local, state = line.split()[1], line.split()[3]
+            address, port_hex = local.split(":")
+            if state == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN
+                raw = b"".join(bytes.fromhex(address[i : i + 8])[::-1] for i in range(0, len(address), 8))
+                found.append(socket.inet_ntop(family, raw))
+    return found
+
+
+@pytest.mark.slow  # a real Prefect server and an `equi deploy` process
+def test_the_server_listens_on_loopback_only(nightly: Nightly) -> None:
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("needs Linux's /proc/net/tcp")
+    assert _listening(nightly.server.port) == ["127.0.0.1"]
+
+
+@pytest.mark.slow  # a real Prefect server and an `equi deploy` process
 def test_a_good_night_completes_and_logs_its_start_and_end(nightly: Nightly) -> None:
     from tasks.config import load_config
 
@@ -175,6 +198,7 @@ def test_a_good_night_completes_and_logs_its_start_and_end(nightly: Nightly) -> 
     assert f"finished: run {run_id}" in nightly.err.read_text()  # the served process shows it too
 
 
+@pytest.mark.slow  # a real Prefect server and an `equi deploy` process
 def test_a_night_with_a_failed_shard_ends_failed_and_the_next_morning_repairs_it(
     nightly: Nightly, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -215,6 +239,7 @@ def test_a_night_with_a_failed_shard_ends_failed_and_the_next_morning_repairs_it
     assert f"{run_id} (complete," in after and "failed:" not in after
 
 
+@pytest.mark.slow  # a real Prefect server and an `equi deploy` process
 def test_ctrl_c_stops_serving_cleanly_and_leaves_the_server_running(nightly: Nightly) -> None:
     _deployment(nightly.server.api_url, 120, nightly.deploy, nightly.output)
     os.killpg(nightly.deploy.pid, signal.SIGINT)  # what Ctrl-C in its terminal sends

@@ -320,3 +320,43 @@ def test_a_state_file_whose_server_is_gone_is_not_used(tmp_path: Path) -> None:
     assert S.running_server(results) is None
     status = CliRunner().invoke(app, ["server", "status", "-r", str(results)])
     assert status.exit_code == 1 and f"pid {dead.pid}" in status.output and "which is gone" in status.output
+
+
+@pytest.mark.slow  # a real Prefect server, started and stopped by `equi deploy --start-server`
+def test_deploy_start_server_starts_its_own_server_and_stops_it_with_itself(tmp_path: Path) -> None:
+    mnist_root(tmp_path)
+    cfg = write_config(tmp_path, _config(tmp_path, "nightly-own", 5), "own.yaml")
+    results = tmp_path / "results"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PYTHONPATH=str(REPO), PREFECT_HOME=str(tmp_path / "client-home"))
+    out, err = tmp_path / "deploy.out", tmp_path / "deploy.err"
+    cmd = [sys.executable, "-m", "flows.cli", "deploy", str(cfg), "--cron", "30 1 * * *", "--start-server"]
+    with open(out, "wb") as o, open(err, "wb") as e:
+        deploy = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=o, stderr=e, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "serving deployment" not in out.read_text() and time.monotonic() < deadline:
+            assert deploy.poll() is None, out.read_text() + err.read_text()
+            time.sleep(0.5)
+        server = S.running_server(results)
+        assert server is not None and server.started_by == "equi deploy", out.read_text()
+        assert f"started a Prefect server at {server.api_url}" in _flat(out.read_text())
+        from prefect.exceptions import ObjectNotFound
+
+        dep = None
+        with _client(server.api_url) as client:
+            deadline = time.monotonic() + 60
+            while dep is None and time.monotonic() < deadline:
+                with contextlib.suppress(ObjectNotFound):
+                    dep = client.read_deployment_by_name("equirobust-scheduled/nightly-own")
+                time.sleep(0.5)
+        assert dep is not None, out.read_text() + err.read_text()
+        assert [s.schedule.cron for s in dep.schedules] == ["30 1 * * *"]
+        os.killpg(deploy.pid, signal.SIGINT)
+        assert deploy.wait(60) in (0, 130)
+        text = _flat(out.read_text() + err.read_text())
+        assert "Traceback" not in text and f"stopped the Prefect server this command started (pid {server.pid})" in text
+        assert S.read_state(results) is None and S.api_error(server.api_url, timeout_s=2) is not None
+    finally:
+        _stop_process_group(deploy)
+        S.stop_server(results)

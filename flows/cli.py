@@ -339,18 +339,65 @@ def deploy(
     config: Annotated[Path, typer.Argument(help="run configuration (YAML)")],
     cron: Annotated[str, typer.Option(help='schedule, e.g. "0 2 * * *" for 02:00 every night')] = "0 2 * * *",
     name: Annotated[str | None, typer.Option(help="deployment name (default: the config's name)")] = None,
+    timezone: Annotated[
+        str | None, typer.Option("--timezone", help="IANA time zone of the schedule (default: this machine's)")
+    ] = None,
+    start_server: Annotated[
+        bool,
+        typer.Option("--start-server", help="no server running: start one for as long as this command serves"),
+    ] = False,
+    port: Annotated[int | None, typer.Option(help="with --start-server: its port (default: a free one)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and print the deployment, do not serve")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect's own logs")] = False,
 ) -> None:
-    """Register a scheduled Prefect deployment of CONFIG and serve it (runs until stopped)."""
-    _quiet_libraries(False)
-    from flows.scheduled import build_deployment, serve
+    """Register a scheduled Prefect deployment of CONFIG on a Prefect server and serve it (runs until Ctrl-C).
 
-    dep = _guard(build_deployment, config, cron, name)
-    if dry_run:
-        console.print_json(json.dumps(dep, default=str))
-        return
-    console.print(f"serving deployment {dep['name']!r} with schedule {cron!r}; Ctrl-C stops it", highlight=False)
-    _guard(serve, config, cron, name)
+    The server: PREFECT_API_URL, else the one `equi server start` runs for the config's results_dir, else (with
+    --start-server) one started here and stopped with this command. A run with failed shards ends Failed."""
+    _quiet_libraries(verbose)
+    from flows import cli_deploy
+
+    code = _guard(cli_deploy.deploy, console, config, cron, name, timezone, start_server, port, dry_run, verbose)
+    if code:
+        raise typer.Exit(code)
+
+
+server_app = typer.Typer(
+    help="A local Prefect server that keeps `equi deploy` schedules (127.0.0.1 only; its state, database and log "
+    "under RESULTS_DIR/prefect/).",
+    no_args_is_help=True,
+)
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("start")
+def server_start(
+    results_dir: ResultsOpt = DEFAULT_RESULTS,
+    port: Annotated[int | None, typer.Option(help="port on 127.0.0.1 (default: a free one)")] = None,
+) -> None:
+    """Start the server in the background (or report the one running); it outlives this command."""
+    from flows import cli_deploy
+
+    _guard(cli_deploy.server_start, console, results_dir, port)
+
+
+@server_app.command("status")
+def server_status(
+    results_dir: ResultsOpt = DEFAULT_RESULTS,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Whether the server runs and answers (exit 0), or not (exit 1); its URL, pid, PREFECT_HOME and log."""
+    from flows import cli_deploy
+
+    raise typer.Exit(_guard(cli_deploy.server_status, console, results_dir, as_json))
+
+
+@server_app.command("stop")
+def server_stop(results_dir: ResultsOpt = DEFAULT_RESULTS) -> None:
+    """Stop the server (its database and run history stay, for the next start)."""
+    from flows import cli_deploy
+
+    _guard(cli_deploy.server_stop, console, results_dir)
 
 
 @app.command()

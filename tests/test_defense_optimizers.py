@@ -348,6 +348,11 @@ def test_best_by_fixed_costs_one_extra_forward_per_step_only_when_the_objective_
     assert len(rec.calls) == 5 + 1 and not fixed_views.objective_varies_by_step
     _, rec = run_one(varying, s.adapter, s.x[:1], 1, keep_best=True, best_by="step")
     assert len(rec.calls) == 5 + 1
+    # What the dry run counts (an upper bound: early stops are not counted).
+    assert defense(steps=5).objective_evaluations() == 5
+    assert defense(steps=5, keep_best=True).objective_evaluations() == 10
+    assert defense(steps=5, patience=2, resample_views=False).objective_evaluations() == 6
+    assert defense(steps=5, keep_best=True, best_by="step").objective_evaluations() == 6
 
 
 # ------------------------------------------------------------------------------------------------- bad options

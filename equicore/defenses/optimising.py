@@ -308,6 +308,15 @@ class OptimizingDefense(Defense):
                 del p[key]
         return p
 
+    def objective_evaluations(self) -> int:
+        """Evaluations of the objective one purification makes at most (each a pass over the image and its views):
+        ``steps`` with gradient, plus, when iterates are compared, one without gradient for the last iterate and
+        (``best_by: fixed`` with an objective that varies by step) one per step after the first."""
+        if self.patience is None and not self.keep_best:
+            return self.steps
+        per_step = self.best_by == "fixed" and self.objective_varies_by_step
+        return self.steps + 1 + (self.steps - 1 if per_step else 0)
+
     def step_schedule(self) -> StepSchedule | None:
         """The step-size schedule; None for the constant one (Algorithm 1's eta at every step)."""
         return None if self.schedule == DEFAULT_SCHEDULE else build_schedule(self.schedule, self.name)

@@ -31,6 +31,7 @@ _LAZY = (
     "MODELS",
     "OBJECTIVES",
     "REGISTRIES",
+    "STEP_SCHEDULES",
     "TRANSFORMS",
     "VIEW_SETS",
 )
@@ -42,6 +43,7 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'equicore' has no attribute {name!r}")
     from equicore import builtins  # noqa: F401  (registrations)
     from equicore.adapters import ADAPTERS
+    from equicore.defenses.schedules import STEP_SCHEDULES
     from equicore.equivariance import OBJECTIVES
     from equicore.registry import ATTACKS, DATASETS, DEFENSES, LOSSES, METRICS, MODELS, TRANSFORMS
     from equicore.transforms import VIEW_SETS
@@ -56,11 +58,19 @@ def __getattr__(name: str) -> Any:
         "metrics": METRICS,
         "models": MODELS,
         "objectives": OBJECTIVES,
+        "schedules": STEP_SCHEDULES,
         "transforms": TRANSFORMS,
         "views": VIEW_SETS,
     }
-    values = {kind.upper(): r for kind, r in registries.items() if kind not in ("views", "adapters", "objectives")}
-    values.update(ADAPTERS=ADAPTERS, OBJECTIVES=OBJECTIVES, VIEW_SETS=VIEW_SETS, REGISTRIES=registries)
+    plain = ("views", "adapters", "objectives", "schedules")
+    values = {kind.upper(): r for kind, r in registries.items() if kind not in plain}
+    values.update(
+        ADAPTERS=ADAPTERS,
+        OBJECTIVES=OBJECTIVES,
+        STEP_SCHEDULES=STEP_SCHEDULES,
+        VIEW_SETS=VIEW_SETS,
+        REGISTRIES=registries,
+    )
     globals().update(values)
     return values[name]
 

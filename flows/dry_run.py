@@ -41,11 +41,14 @@ def _views(defense: Any) -> int:
 
 
 def defense_passes(defense: Any) -> float:
-    """Image passes of one purification of one image: steps x (the image + its views); 1 for a single forward."""
+    """Image passes of one purification of one image: steps (and any extra evaluations of the objective) x (the
+    image + its views); 1 for a single forward."""
     if defense is None or not getattr(defense, "optimizes_at_test_time", False):
         return 1.0
     per_step = 4 if getattr(defense, "kind", "") == "rotation" else _views(defense) + 1
-    return float(defense.steps * per_step)
+    # Early stopping / best-iterate return may evaluate the objective again (an upper bound: stops are not counted).
+    evaluations = getattr(defense, "objective_evaluations", None)
+    return float((evaluations() if evaluations is not None else defense.steps) * per_step)
 
 
 def attack_passes(spec: AttackSpec) -> float:

@@ -356,6 +356,24 @@ TYPES = [
         "got nan",
     ),
     config(
+        "defense_schedule_typo",
+        "`schedule: cosin` for a defense",
+        _set("defenses", "1", "schedule", value="cosin"),
+        "defenses.1: equivariance.schedule: unknown step-size schedule 'cosin'; did you mean 'cosine'?",
+    ),
+    config(
+        "defense_step_decay_gamma_zero",
+        "`schedule: {name: step, gamma: 0}` for a defense",
+        _set("defenses", "1", "schedule", value={"name": "step", "gamma": 0}),
+        "defenses.1: equivariance.schedule.gamma: expected 0 < gamma <= 1",
+    ),
+    config(
+        "defense_patience_zero",
+        "`patience: 0` for a defense",
+        _set("defenses", "1", "patience", value=0),
+        "defenses.1: equivariance.patience: expected an integer >= 1, got 0",
+    ),
+    config(
         "number_as_dataset_param",
         "`dataset.params.split: 5`",
         _set("dataset", "params", "split", value=5),
@@ -411,6 +429,18 @@ CONFLICTS = [
         "`eval_draws: 4` on a defense that is not randomised",
         _set("defenses", "0", "eval_draws", value=4),
         "defenses.0: eval_draws: 4 draws of defense 'vanilla', which is not randomised",
+    ),
+    config(
+        "min_delta_without_patience",
+        "`min_delta` on a defense without `patience`",
+        _set("defenses", "1", "min_delta", value=0.01),
+        "defenses.1: equivariance.min_delta: 0.01 applies to early stopping, but patience is not set",
+    ),
+    config(
+        "noise_scale_without_noise",
+        "`noise_scale` on a defense with `noise: false`",
+        _both(_set("defenses", "1", "noise", value=False), _set("defenses", "1", "noise_scale", value=0.5)),
+        "defenses.1: equivariance.noise_scale: 0.5 scales the annealed noise, but noise is false",
     ),
     config(
         "equivariance_report_without_measure",

@@ -16,7 +16,8 @@ from equicore.adapters import ADAPTERS, TaskAdapter
 from equicore.attacks import Attack, build_loss, make_targets
 from equicore.code_identity import module_file
 from equicore.datasets import SampleDataset
-from equicore.defenses import Defense
+from equicore.defenses import STEP_SCHEDULES, Defense, StepSchedule, build_schedule
+from equicore.defenses.schedules import schedule_spec
 from equicore.equivariance import OBJECTIVES, sample_view_params, view_features
 from equicore.errors import RegistrationError, UnknownNameError
 from equicore.metrics import MetricState
@@ -44,6 +45,7 @@ BASES = {
     "defenses": Defense,
     "metrics": MetricState,
     "models": torch.nn.Module,
+    "schedules": StepSchedule,
     "transforms": InvertibleTransform,
     "views": list,
 }
@@ -318,3 +320,17 @@ def test_objective_entries_are_per_sample_and_differentiable(name: str, task: st
     assert value.shape == (3,) and torch.isfinite(value).all()
     (grad,) = torch.autograd.grad(value.sum(), x)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", STEP_SCHEDULES.names())
+def test_step_schedule_entries(name: str) -> None:
+    """A factor on eta: 1 at the first step, positive, never rising; its config value rebuilds it."""
+    schedule = STEP_SCHEDULES.build(name)
+    assert isinstance(schedule, StepSchedule) and schedule.name == name
+    for steps in (1, 2, 7, 20):
+        factors = [schedule.factor(t, steps) for t in range(steps)]
+        assert factors[0] == 1.0 and all(0 < f <= 1 for f in factors), (steps, factors)
+        assert all(b <= a for a, b in zip(factors, factors[1:], strict=False)), (steps, factors)
+    spec = schedule_spec(schedule)
+    assert json.loads(json.dumps(spec)) == spec and build_schedule(spec) == schedule
+    assert spec == name or spec["name"] == name

@@ -34,6 +34,7 @@ CONSISTENCY_MODULES = (
     "equicore.defenses.base",
     "equicore.defenses.budget",
     "equicore.defenses.optimising",
+    "equicore.defenses.schedules",
     "equicore.defenses.view_based",
     "equicore.equivariance",
     "equicore.seeding",

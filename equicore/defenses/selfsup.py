@@ -49,6 +49,7 @@ ROTATION_MODULES = (
     "equicore.defenses.base",
     "equicore.defenses.budget",
     "equicore.defenses.optimising",
+    "equicore.defenses.schedules",
     "equicore.heads.format",
     "equicore.heads.losses",
     "equicore.seeding",
@@ -125,6 +126,7 @@ class RotationDefense(SelfSupervisedDefense):
 
     name = "rotation"
     kind: ClassVar[str] = "rotation"
+    objective_varies_by_step: ClassVar[bool] = False  # four fixed rotations: step 0's objective is every step's
 
     def score(self, adapter: TaskAdapter, x: torch.Tensor, step: int = 0) -> torch.Tensor:
         """Minus the per-image rotation-prediction loss ``[B]`` (differentiable in x); ``step`` is unused."""

@@ -43,6 +43,11 @@ class ViewOptimizingDefense(OptimizingDefense):
         p.pop("_views", None)
         return p
 
+    @property
+    def objective_varies_by_step(self) -> bool:
+        """The objective changes from step to step only through views redrawn per step."""
+        return self.resample_views
+
     def view_params(self, step: int, in_size: tuple[int, int]):
         seed = derive_seed(self.view_seed, "views", step if self.resample_views else 0)
         return sample_view_params(self._views, seed, in_size)

@@ -557,7 +557,7 @@ def prepare_data(
 @app.command("list")
 def list_entries(
     kind: Annotated[
-        str, typer.Argument(help="attacks, losses, defenses, models, datasets, transforms, metrics or views")
+        str, typer.Argument(help="attacks, losses, defenses, models, datasets, transforms, metrics, views or schedules")
     ],
 ) -> None:
     """List registered names (what a config may use)."""

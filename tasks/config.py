@@ -33,9 +33,11 @@ from tasks.config_checks import (
     shown,
 )
 from tasks.config_errors import ConfigError
+from tasks.config_model import USER_MODEL_FIELDS, ModelConfig
 from tasks.config_yaml import read_config_file
+from tasks.user_code import check_factory_found, resolve_plugins
 
-__all__ = ["CLEAN", "ConfigError", "RunConfig", "expand_env", "load_config", "parse_config"]
+__all__ = ["CLEAN", "ConfigError", "ModelConfig", "RunConfig", "expand_env", "load_config", "parse_config"]
 
 CLEAN = "clean"  # the pseudo-attack that leaves images unchanged (the "Clean" row of the paper's tables)
 TASK_METRICS = {"classification": "accuracy", "segmentation": "miou", "instance": "mask_ap"}
@@ -104,24 +106,6 @@ class DatasetConfig(_Strict):
             dupes = sorted({i for i in self.indices if self.indices.count(i) > 1})
             raise ConfigError(f"indices: {dupes[:5]} listed more than once; each sample is evaluated once")
         _checked(lambda p: check_param_types(self.name, _hints(DATASETS, self.name), p), self.params)
-        return self
-
-
-class ModelConfig(_Strict):
-    name: str
-    checkpoint: str | None = Field(default=None, description="local state_dict path; None = the model's default")
-    params: dict[str, Any] = Field(default_factory=dict)
-    adapter: dict[str, Any] = Field(default_factory=dict, description="task adapter options, e.g. feature_layer")
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        return _checked(MODELS.get, v)
-
-    @model_validator(mode="after")
-    def _typed(self) -> ModelConfig:
-        hints = _hints(MODELS, self.name, frozenset({"checkpoint"}))
-        _checked(lambda p: check_param_types(self.name, hints, p), self.params)
         return self
 
 
@@ -355,7 +339,7 @@ def expand_suite(data: Any) -> Any:
         raise ConfigError(_format_validation_error(e, "suite")) from None
     model = data.get("model") if isinstance(data.get("model"), dict) else {}
     name = model.get("name")
-    task = MODELS.meta(name).get("task") if isinstance(name, str) and name in MODELS else None
+    task = MODELS.meta(name).get("task") if isinstance(name, str) and name in MODELS else model.get("task")
     adaptive = False
     for d in data.get("defenses") or []:
         if isinstance(d, dict) and isinstance(d.get("name"), str) and d["name"] in DEFENSES:
@@ -406,6 +390,11 @@ class RunConfig(_Strict):
     )
 
     suite_used: SuiteConfig | None = Field(default=None, description="the suite the attacks were expanded from")
+    plugins: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="your own .py files or folders (relative to the config file) where model.factory is found",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -434,7 +423,7 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _attacks_fit_task(self) -> RunConfig:
         # Fail at load time, not on a worker hours later: e.g. Houdini is a segmentation attack.
-        task = MODELS.meta(self.model.name).get("task")
+        task = self.model.task_name
         if not task:
             return self
         from equicore.attacks import build_attack
@@ -455,6 +444,15 @@ class RunConfig(_Strict):
                 )
             if spec.targeted and task == "instance":
                 raise ConfigError(f"attacks.{i} ({a.name}): targeted attacks are not defined for instance models")
+        return self
+
+    @model_validator(mode="after")
+    def _factory_found(self) -> RunConfig:
+        # The module is located (never imported) now: `os:system` or a module outside plugins fails at load time.
+        if self.model.factory is not None:
+            check_factory_found(self.model.factory, self.plugins)
+        elif self.plugins:
+            raise ConfigError("plugins: only a model.factory uses them; remove plugins or set model.factory")
         return self
 
     @model_validator(mode="after")
@@ -482,6 +480,10 @@ class RunConfig(_Strict):
         for k in ("cluster", "retries", "retry_delay_s", "cache_dir", "results_dir", "device", "report", "worst_case"):
             d.pop(k, None)
         d.pop("suite_used", None)  # the expanded attacks are what determines the numbers
+        d.pop("plugins", None)  # where code lives; its digest is in the cache keys (tasks.code_identity)
+        for key in ("name", *USER_MODEL_FIELDS):  # unset: the identity of configs written before user models
+            if d["model"].get(key) is None:
+                d["model"].pop(key, None)
         for defense in d["defenses"]:  # unset: the identity of configs written before eval_draws existed
             if defense.get("eval_draws") is None:
                 defense.pop("eval_draws", None)
@@ -540,7 +542,7 @@ def load_config(path: str | os.PathLike[str]) -> RunConfig:
     if isinstance(data, dict):
         try:
             refuse_network_fields(data)
-            data = expand_env(data)
+            data = resolve_plugins(expand_env(data), p.resolve().parent)
         except ConfigError as e:
             raise ConfigError(f"{p}: {e}") from None
     return parse_config(data, str(p))

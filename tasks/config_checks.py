@@ -123,7 +123,7 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 def is_env_field(where: str) -> bool:
     """Fields in which ``${VAR}`` expands: paths (module docstring)."""
     parts = where.split(".")
-    if where in ("cache_dir", "results_dir", "model.checkpoint"):
+    if where in ("cache_dir", "results_dir", "model.checkpoint", "model.file"):
         return True
     if len(parts) == 3 and parts[:2] == ["dataset", "params"]:
         return is_path_param(parts[2])

@@ -85,9 +85,9 @@ def find_module(module: str, plugins: Sequence[str]) -> tuple[Path, list[Path], 
 
 
 def _not_found(module: str, plugins: Sequence[str], config_dir: Path | None) -> ConfigError:
-    where = f"next to the config ({config_dir}) nor " if config_dir is not None else ""
+    where = f"neither next to the config ({config_dir}) nor" if config_dir is not None else "not"
     return ConfigError(
-        f"model.factory: module {module!r} is {where}in plugins {list(plugins)}; a factory must name a function "
+        f"model.factory: module {module!r} is {where} in plugins {list(plugins)}; a factory must name a function "
         "in your own module (a .py file beside the config, or on plugins:), never an installed package"
     )
 
@@ -111,7 +111,8 @@ def resolve_plugins(data: dict[str, Any], config_dir: Path) -> dict[str, Any]:
         resolved.append(str(path))
     model = data.get("model")
     factory = model.get("factory") if isinstance(model, dict) else None
-    if isinstance(factory, str) and FACTORY_PATTERN.match(factory):
+    alone = isinstance(model, dict) and model.get("name") is None and model.get("file") is None  # else: schema
+    if alone and isinstance(factory, str) and FACTORY_PATTERN.match(factory):
         module = factory.split(":")[0]
         if find_module(module, resolved) is None:
             beside = find_module(module, [str(Path(os.path.abspath(config_dir)))])
@@ -185,7 +186,10 @@ def build_user_model(model: Any, plugins: Sequence[str]) -> tuple[nn.Module, dic
         if found is None:
             raise _not_found(module_name, plugins, None)
         file, packages, root = found
-        module = import_module_file(module_name, file, packages, root)
+        try:
+            module = import_module_file(module_name, file, packages, root)
+        except UserModelError as exc:
+            raise UserModelError(f"model.factory {model.factory!r}: {exc}") from None
         checkpoint = None if model.checkpoint in (None, RANDOM_INIT) else model.checkpoint
         net = build_factory_model(
             factory_callable(module, attr, model.factory, file), model.factory, model.params, checkpoint

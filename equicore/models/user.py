@@ -83,7 +83,8 @@ def _import_one(name: str, file: Path, package_dir: Path | None) -> ModuleType:
     loaded = sys.modules.get(name)
     if loaded is not None:
         origin = getattr(loaded, "__file__", None)
-        if origin is None or Path(origin).resolve() != file:
+        ours = name in _IMPORTED  # a user module imported here before (another config's): replaced by this file
+        if not ours and (origin is None or Path(origin).resolve() != file):
             raise UserModelError(
                 f"cannot import {file} as module {name!r}: a module of that name is already imported from "
                 f"{origin or 'a built-in'}; rename your file"
@@ -96,6 +97,8 @@ def _import_one(name: str, file: Path, package_dir: Path | None) -> ModuleType:
         raise UserModelError(f"cannot import {file}: not a Python source file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
+    no_bytecode = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True  # no __pycache__ written into the user's folder: a run writes only its outputs
     try:
         spec.loader.exec_module(module)  # the user's own code, named explicitly by model.factory
     except BaseException as exc:
@@ -103,6 +106,8 @@ def _import_one(name: str, file: Path, package_dir: Path | None) -> ModuleType:
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
         raise UserModelError(f"importing {file} failed ({_first_line(exc)})") from None
+    finally:
+        sys.dont_write_bytecode = no_bytecode
     _IMPORTED[name] = (str(file), digest)
     return module
 

@@ -145,6 +145,30 @@ CASES = [
         "model: task: a factory model declares its task",
     ),
     case(
+        "normalize_std_zero",
+        "`normalize: {std: [0]}` (a division by zero)",
+        _set_model(normalize={"mean": [0.5], "std": [0.0]}),
+        "model.normalize: std must be > 0 for every channel, got [0.0]",
+    ),
+    case(
+        "num_classes_bool",
+        "`model.num_classes: true`",
+        _set_model(num_classes=True),
+        "model.num_classes: Input should be a valid integer, got true (a boolean)",
+    ),
+    case(
+        "plugins_not_a_list",
+        '`plugins: "my_models.py"` (a string, not a list)',
+        lambda t, c: (c.update(model=_model(t)), c.update(plugins="my_models.py")),
+        "plugins: Input should be a valid list",
+    ),
+    case(
+        "model_file_with_checkpoint",
+        "`model.file` with a `checkpoint` (a model file holds its weights)",
+        lambda t, c: c.update(model={"file": "m.pt2", "checkpoint": "w.pt", "task": "classification"}),
+        "model: checkpoint: a model file holds its weights",
+    ),
+    case(
         "factory_does_not_import",
         "a factory module that does not import",
         _set_model(source="import not_installed_anywhere\n"),

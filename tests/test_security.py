@@ -117,8 +117,33 @@ def test_config_names_that_look_like_code_are_unknown_names(tmp_path, name):
         assert name in str(info.value), where
 
 
+def test_user_code_is_imported_in_one_place_only():
+    """The one way a config runs code is explicit: ``model.factory`` imports the user's own module, by file path,
+    through ``equicore.models.user.import_module_file`` (called from ``tasks.user_code`` only, after the module was
+    found in the user's files). No other module imports by file path or executes a module."""
+    loaders = {"spec_from_file_location", "module_from_spec", "exec_module", "run_path", "SourceFileLoader"}
+    found = sorted(
+        {
+            str(path.relative_to(REPO))
+            for path, tree in _sources()
+            for call in _calls(tree)
+            if _dotted(call.func).split(".")[-1] in loaders
+        }
+    )
+    assert found == ["equicore/models/user.py"]
+    callers = sorted(
+        {
+            str(path.relative_to(REPO))
+            for path, tree in _sources()
+            for call in _calls(tree)
+            if _dotted(call.func).split(".")[-1] == "import_module_file"
+        }
+    )
+    assert callers == ["tasks/user_code.py"]
+
+
 def test_no_plugin_flag_exists():
-    """There is no mechanism to load code named by a config, so there is no flag that enables one."""
+    """Code runs only where a config's model.factory names the user's own module; no flag widens that."""
     result = CliRunner().invoke(app, ["run", "--help"])
     assert "--allow-outside-roots" in result.output and "plugin" not in result.output.lower()
 

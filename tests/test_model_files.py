@@ -134,7 +134,7 @@ def test_editing_the_factory_or_a_plugin_changes_the_keys(files: Path, tmp_path:
     (tmp_path / "lib" / "my_net.py").write_text(MODULE + "\n# an edit\n")
     second = keys()
     assert second[0] != first[0] and not second[1] & first[1]
-    (tmp_path / "lib" / "helper.py").write_text("SCALE = 2\n")
+    (tmp_path / "lib" / "helper.py").write_text("SCALE = 22\n")  # another size: a new file version
     third = keys()
     assert third[0] not in (first[0], second[0])
     assert load_config(path).run_id() == parse_config(cfg | {"plugins": [str(tmp_path / "lib")]}).run_id()

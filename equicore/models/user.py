@@ -49,12 +49,21 @@ class UserModelError(InvalidInputError):
     """A user's factory, model file or model output does not do what the config declares."""
 
 
+_SHA256: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime_ns) -> digest
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """sha256 of a file's bytes, computed once per process per file version (keys ask for it per unit)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    ident = (str(p), st.st_size, st.st_mtime_ns)
+    if ident not in _SHA256:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA256[ident] = h.hexdigest()
+    return _SHA256[ident]
 
 
 # ------------------------------------------------------------------------------------------------ factories

@@ -2,10 +2,11 @@
 
 The code blocks are extracted from README.md by their markers (``<!-- byo-file: EXAMPLE/NAME -->`` before a file,
 ``<!-- byo-commands: EXAMPLE -->`` before the shell commands), so the README and this test cannot drift. Each
-example is written into a temporary folder and its commands run as subprocesses: the classification example
-through the default path (a local Dask cluster, whose worker imports ``my_models.py`` by its file path), the
-segmentation one in process. ``equi resume`` runs from the stored config in a new process, after one shard file of
-the run was deleted, and recomputes exactly that one.
+example is written into a temporary folder and its commands run there in order: the scripts and ``equi resume`` as
+new processes, the other ``equi`` commands through the same CLI in this process. The classification example takes
+the default path (a local Dask cluster, whose worker imports ``my_models.py`` by its file path), the segmentation
+one runs in process. ``equi resume`` re-validates the stored config in a new process, after one shard file of the
+run was deleted, and recomputes exactly that one.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from flows.cli import app
 from tests.pipeline_helpers import REPO
 
 pytestmark = pytest.mark.slow
@@ -44,18 +48,29 @@ def _env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def _run(line: str, cwd: Path, run_id: str | None) -> subprocess.CompletedProcess[str]:
+def _run(line: str, cwd: Path, run_id: str | None) -> str:
+    """Run one README command in ``cwd``; its output. ``equi resume`` and scripts run in a new process (the resume
+    re-validates the stored config there); other ``equi`` commands in this one (typer's runner: the same CLI, without
+    paying a Python start-up per command). Dask workers are their own processes either way."""
     command = line.split("#", 1)[0].strip()
     if run_id is not None:
         command = re.sub(r"[\w.-]+-<hash>", run_id, command)
     argv = shlex.split(command)
-    if argv[0] == "equi":
-        argv = [sys.executable, "-m", "flows.cli", *argv[1:]]
-    elif argv[0] == "python":
-        argv = [sys.executable, *argv[1:]]
-    result = subprocess.run(argv, cwd=cwd, env=_env(cwd), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
-    return result
+    if argv[0] == "equi" and argv[1] != "resume":
+        previous = os.getcwd()
+        os.chdir(cwd)
+        try:
+            result = CliRunner().invoke(app, argv[1:])
+        finally:
+            os.chdir(previous)
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        assert result.exit_code == 0, f"{command}\n{result.output}"
+        return result.output
+    argv = [sys.executable, *(["-m", "flows.cli"] if argv[0] == "equi" else []), *argv[1:]]
+    done = subprocess.run(argv, cwd=cwd, env=_env(cwd), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
 
 
 def run_example(example: str, tmp: Path) -> dict[str, str]:
@@ -74,10 +89,9 @@ def run_example(example: str, tmp: Path) -> dict[str, str]:
         if verb == "resume":
             shards = sorted((tmp / ".equi" / "results" / "samples").rglob("shard=*.parquet"))
             shards[-1].unlink()
-        result = _run(line, tmp, run_id)
-        outputs[verb] = result.stdout + result.stderr
+        outputs[verb] = _run(line, tmp, run_id)
         if verb == "run":
-            run_id = re.search(r"run (\S+): \d+ samples", result.stdout).group(1)  # type: ignore[union-attr]
+            run_id = re.search(r"run (\S+): \d+ samples", outputs[verb]).group(1)  # type: ignore[union-attr]
             outputs["run_id"] = run_id
     return outputs
 
@@ -92,7 +106,17 @@ def test_the_readme_has_both_examples() -> None:
         assert verbs[0] == "run" and {"status", "resume", "report"} <= set(verbs)
 
 
-def test_classification_example_on_dask_workers(tmp_path: Path) -> None:
+@pytest.fixture
+def one_prefect_api() -> Iterator[None]:
+    """One Prefect API for the example's `equi run` and `equi resume` (each would start and stop its own, about
+    16 s here); both honour PREFECT_API_URL, as for a server the user runs. The Dask cluster is still each run's."""
+    from flows.execution import prefect_api
+
+    with prefect_api():
+        yield
+
+
+def test_classification_example_on_dask_workers(tmp_path: Path, one_prefect_api: None) -> None:
     out = run_example("classification", tmp_path)
     run_id = out["run_id"]
     assert run_id.startswith("tiny-colours-")

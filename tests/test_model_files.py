@@ -138,3 +138,21 @@ def test_editing_the_factory_or_a_plugin_changes_the_keys(files: Path, tmp_path:
     third = keys()
     assert third[0] not in (first[0], second[0])
     assert load_config(path).run_id() == parse_config(cfg | {"plugins": [str(tmp_path / "lib")]}).run_id()
+
+
+def test_a_factory_in_a_plugin_package_with_relative_imports(files: Path, tmp_path: Path) -> None:
+    pkg = tmp_path / "code" / "mypkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "layers.py").write_text("from torch import nn\n\ndef body():\n    return nn.Conv2d(3, 2, 3, padding=1)\n")
+    (pkg / "nets.py").write_text(
+        "from torch import nn\nfrom .layers import body\n\n"
+        "def build():\n    return nn.Sequential(body(), nn.AdaptiveAvgPool2d(1), nn.Flatten())\n"
+    )
+    cfg = _config(files, {"factory": "mypkg.nets:build", "feature_layer": "0"}, "pkg") | {"plugins": ["code"]}
+    loaded = load_config(write_config(tmp_path, cfg))
+    assert loaded.plugins == [str(tmp_path / "code")]
+    rt = build_runtime(loaded)
+    assert rt.adapter.features(torch.rand(1, 3, 16, 16)).shape == (1, 2, 16, 16)
+    moved = parse_config(cfg | {"plugins": [str(tmp_path / "code" / "mypkg")]})  # the package folder itself
+    assert build_runtime(moved).model_digest == rt.model_digest

@@ -1,4 +1,5 @@
-"""Security defaults (issue #7): checkpoints load with weights_only=True only; configs cannot import or run code;
+"""Security defaults (issue #7): checkpoints load with weights_only=True only; configs cannot import or run code
+(except a ``model.factory`` naming the user's own module, issue #17: imported in one place, by file path);
 paths cannot escape the declared data and output roots through ``..`` or symlinks unless the user passes
 ``--allow-outside-roots``; local Dask clusters and the temporary Prefect API listen on 127.0.0.1 only; ``equi query``
 cannot change the results. Related: tests/test_models.py (pickled code refused), tests/test_storage_query.py
@@ -68,7 +69,7 @@ def test_every_torch_load_passes_weights_only_true():
 
 def test_no_code_path_imports_or_evaluates_strings():
     """No dynamic import, eval/exec, unsafe YAML or raw unpickling anywhere in the shipped code: a name in a config
-    can only be looked up in a registry."""
+    can only be looked up in a registry (a ``model.factory`` file import: see the next test)."""
     forbidden = {
         "eval",
         "exec",

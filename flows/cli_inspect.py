@@ -97,7 +97,10 @@ def weights_line(manifest: dict[str, Any]) -> str | None:
         return None
     where = "random init (checkpoint: none)" if w.get("checkpoint") == "none" else str(w.get("checkpoint"))
     kind = " (shipped)" if w.get("shipped") else ""
-    return f"model {w.get('model')}: weights {where}{kind}, weights digest sha256:{w.get('weights_digest')}"
+    line = f"model {w.get('model')}: weights {where}{kind}, weights digest sha256:{w.get('weights_digest')}"
+    if w.get("code"):  # a factory or file model: the code (or program) the cache keys hold
+        line += f"; code {w['code']}" + (f" ({w['factory_file']})" if w.get("factory_file") else "")
+    return line
 
 
 def print_run_status(console: Console, results_dir: str, run_id: str, as_json: bool) -> None:

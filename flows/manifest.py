@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from equicore.models.checkpoint import is_shipped
-from equicore.models.common import resolve_checkpoint
+from equicore.models.common import RANDOM_INIT, resolve_checkpoint
 from storage.errors import StorageError
 from storage.run_store import RunStore
 from tasks.config import RunConfig
 from tasks.runtime import Runtime, code_version
 from tasks.units import RunUnits
+from tasks.user_code import find_module, user_model_code_version
 
 
 def git_sha() -> str:
@@ -50,14 +51,25 @@ def provenance(cfg: RunConfig) -> dict[str, Any]:
 
 def weights_record(rt: Runtime) -> dict[str, Any]:
     """Which weights the run's model holds: the file (or "none" for a seeded random init), whether it is shipped with
-    equirobust, and the sha256 ``weights_digest`` of its tensors (the digest the cache keys hold)."""
-    path = resolve_checkpoint(rt.cfg.model.name, rt.cfg.model.checkpoint, "set model.checkpoint")
-    return {
-        "model": rt.cfg.model.name,
+    equirobust, and the sha256 ``weights_digest`` of its tensors (the digest the cache keys hold). A factory model
+    adds its module file and code digest, a model file its sha256."""
+    m = rt.cfg.model
+    if m.kind == "name":
+        path = resolve_checkpoint(m.name or "", m.checkpoint, "set model.checkpoint")
+    else:
+        path = Path(m.file) if m.file else None if m.checkpoint in (None, RANDOM_INIT) else Path(m.checkpoint or "")
+    record = {
+        "model": m.label,
         "checkpoint": str(path) if path is not None else "none",
         "shipped": path is not None and is_shipped(path),
         "weights_digest": rt.model_digest,
     }
+    if m.kind != "name":
+        record["code"] = user_model_code_version(m.factory, m.file, rt.cfg.plugins)
+    if m.factory is not None:
+        found = find_module(m.factory.split(":")[0], rt.cfg.plugins)
+        record["factory_file"] = str(found[0]) if found else None
+    return record
 
 
 def unit_records(units: RunUnits) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ from reports.tables import (
     is_partial,
     join_label,
     label_rows,
+    model_label,
     ordered,
     partial_note,
     render_markdown,
@@ -348,7 +349,7 @@ def render_experiment(results_dir: str | Path, exp: Experiment) -> Page:
     manifest = store.read_manifest()
     cfg = manifest.get("config") or {}
     lines += [
-        f"Run `{exp.run_id}`{config}: {cfg.get('dataset', {}).get('name')} / {cfg.get('model', {}).get('name')}, "
+        f"Run `{exp.run_id}`{config}: {cfg.get('dataset', {}).get('name')} / {model_label(manifest)}, "
         f"{manifest.get('n_samples')} samples in {manifest.get('n_shards')} shards.",
         "",
         f"**Status: {state.summary(exp.run_id)}**" if state.status == "partial" else "Status: complete.",

@@ -42,6 +42,14 @@ class Table:
     corner: str = "attack"  # header of the row-label column
 
 
+def model_label(manifest: Mapping[str, Any]) -> str:
+    """The run's model as its manifest names it: a built-in name, a factory ``module:function`` or a file name."""
+    cfg = manifest.get("config") or {}
+    model = cfg.get("model") or {}
+    weights = manifest.get("weights") or {}
+    return str(weights.get("model") or model.get("name") or model.get("factory") or model.get("file"))
+
+
 def ordered(values: Sequence[str]) -> list[str]:
     seen: list[str] = []
     for v in values:
@@ -387,7 +395,7 @@ def report(results_dir: str, run_id: str, fmt: str = "markdown") -> str:
     manifest = store.read_manifest()
     cfg = manifest.get("config", {})
     header = (
-        f"## {run_id}: {cfg.get('dataset', {}).get('name')} / {cfg.get('model', {}).get('name')} "
+        f"## {run_id}: {cfg.get('dataset', {}).get('name')} / {model_label(manifest)} "
         f"({manifest.get('n_samples')} samples, {manifest.get('n_shards')} shards, status {manifest.get('status')})\n"
     )
     tables = build_tables(label_rows(rows, run_index(manifest)))

@@ -18,6 +18,7 @@ from equicore.code_identity import code_version
 from equicore.registry import DATASETS, DEFENSES, METRICS, MODELS
 from tasks.config import CLEAN, TASK_METRICS, AttackConfig, DefenseConfig
 from tasks.runtime import Runtime
+from tasks.user_code import user_model_code_version
 
 STEP_VERSIONS = {"attack": "1", "defend": "1"}
 # The equivariance score reported before and after a defense (``measure:`` in a config) and its view draws.
@@ -35,8 +36,10 @@ EXTRA_METRICS = {"segmentation": ("miou_to_target",)}
 
 def model_code(rt: Runtime) -> dict[str, str]:
     """The model, its task adapter and the dataset loader: what turns a config into images and predictions."""
+    m = rt.cfg.model
+    model = MODELS.code_version(m.name) if m.name else user_model_code_version(m.factory, m.file, rt.cfg.plugins)
     return {
-        "model": MODELS.code_version(rt.cfg.model.name),
+        "model": model,
         "adapter": ADAPTERS.code_version(rt.task),
         "dataset": DATASETS.code_version(rt.cfg.dataset.name),
     }

@@ -12,12 +12,10 @@ and checked by :mod:`tasks.config_checks` (no network exposure from a file, ``${
 
 from __future__ import annotations
 
-import contextvars
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -35,9 +33,12 @@ from tasks.config_checks import (
     shown,
 )
 from tasks.config_errors import ConfigError
+from tasks.config_model import USER_MODEL_FIELDS, ModelConfig
+from tasks.config_static import checked, known, static_pass, static_pass_on
 from tasks.config_yaml import read_config_file
+from tasks.user_code import check_factory_found, resolve_plugins
 
-__all__ = ["CLEAN", "ConfigError", "RunConfig", "expand_env", "load_config", "parse_config"]
+__all__ = ["CLEAN", "ConfigError", "ModelConfig", "RunConfig", "expand_env", "load_config", "parse_config"]
 
 CLEAN = "clean"  # the pseudo-attack that leaves images unchanged (the "Clean" row of the paper's tables)
 TASK_METRICS = {"classification": "accuracy", "segmentation": "miou", "instance": "mask_ap"}
@@ -48,51 +49,19 @@ MAX_WORKERS = 512  # local Dask worker processes
 MAX_RETRY_DELAY_S = 3600.0
 
 
-# Set during the static pass of validation (:func:`parse_config`): names are checked against the catalogue and nothing
-# is built, so a typo, an unknown key or a wrong type fails without importing torch.
-_STATIC_PASS: contextvars.ContextVar[bool] = contextvars.ContextVar("static_pass", default=False)
-
-
-@contextmanager
-def _static_pass() -> Iterator[None]:
-    token = _STATIC_PASS.set(True)
-    try:
-        yield
-    finally:
-        _STATIC_PASS.reset(token)
-
-
-def _known(plural: str, registry: Any, name: str) -> str:
-    """A registered name: from the static catalogue in the static pass, else from the live registry."""
-    if _STATIC_PASS.get():
-        from equicore import catalogue
-
-        return _checked(lambda n: catalogue.check_name(plural, n), name)
-    return _checked(registry.get, name)
-
-
-def _checked(fn, value):
-    """Run a registry check; re-raise its error as ValueError so pydantic reports it with the field path."""
-    try:
-        fn(value)
-    except EquirobustError as e:
-        raise ValueError(str(e)) from None
-    return value
-
-
 def _built(build: Callable[[], Any], name: str, hints: dict[str, Any], params: dict[str, Any]) -> None:
     """Build an attack or defense: the engine's own checks speak first (their messages), then the declared types
     catch what the engine lets through (``eps: true``) or trips over (``target: 5``), naming the parameter."""
-    if _STATIC_PASS.get():
+    if static_pass_on():
         return
     try:
         build()
     except EquirobustError as e:
         raise ValueError(str(e)) from None
     except Exception as e:  # noqa: BLE001  (a factory surprised by a type: say which parameter)
-        _checked(lambda p: check_param_types(name, hints, p), params)
+        checked(lambda p: check_param_types(name, hints, p), params)
         raise ValueError(f"{name}: {type(e).__name__}: {e}") from None
-    _checked(lambda p: check_param_types(name, hints, p), params)
+    checked(lambda p: check_param_types(name, hints, p), params)
 
 
 class _Strict(BaseModel):
@@ -103,7 +72,7 @@ class _Strict(BaseModel):
 def _hints(registry: Any, name: str, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Declared types of the parameters of registered factory ``name`` (none for an unknown name, or in the static
     pass)."""
-    if _STATIC_PASS.get() or name not in registry:
+    if static_pass_on() or name not in registry:
         return {}
     return {k: v for k, v in factory_hints(registry.get(name)).items() if k not in skip}
 
@@ -119,7 +88,7 @@ class DatasetConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        return _known("datasets", DATASETS, v)
+        return known("datasets", DATASETS, v)
 
     @model_validator(mode="after")
     def _selection(self) -> DatasetConfig:
@@ -131,25 +100,7 @@ class DatasetConfig(_Strict):
         if self.indices is not None and len(set(self.indices)) != len(self.indices):
             dupes = sorted({i for i in self.indices if self.indices.count(i) > 1})
             raise ConfigError(f"indices: {dupes[:5]} listed more than once; each sample is evaluated once")
-        _checked(lambda p: check_param_types(self.name, _hints(DATASETS, self.name), p), self.params)
-        return self
-
-
-class ModelConfig(_Strict):
-    name: str
-    checkpoint: str | None = Field(default=None, description="local state_dict path; None = the model's default")
-    params: dict[str, Any] = Field(default_factory=dict)
-    adapter: dict[str, Any] = Field(default_factory=dict, description="task adapter options, e.g. feature_layer")
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        return _known("models", MODELS, v)
-
-    @model_validator(mode="after")
-    def _typed(self) -> ModelConfig:
-        hints = _hints(MODELS, self.name, frozenset({"checkpoint"}))
-        _checked(lambda p: check_param_types(self.name, hints, p), self.params)
+        checked(lambda p: check_param_types(self.name, _hints(DATASETS, self.name), p), self.params)
         return self
 
 
@@ -159,8 +110,8 @@ class AttackConfig(_Strict):
 
     @model_validator(mode="after")
     def _build(self) -> AttackConfig:
-        if self.name != CLEAN and _STATIC_PASS.get():
-            _known("attacks", ATTACKS, self.name)
+        if self.name != CLEAN and static_pass_on():
+            known("attacks", ATTACKS, self.name)
         elif self.name != CLEAN:
             from equicore.attacks import build_attack
             from equicore.attacks.attack import ATTACK_PARAMS, Attack
@@ -217,13 +168,13 @@ class DefenseConfig(_Strict):
 
     @model_validator(mode="after")
     def _build(self) -> DefenseConfig:
-        if _STATIC_PASS.get():
-            _known("defenses", DEFENSES, self.name)
+        if static_pass_on():
+            known("defenses", DEFENSES, self.name)
         _built(
             lambda: DEFENSES.build(self.name, **self.params()), self.name, _hints(DEFENSES, self.name), self.params()
         )
         draws = self.eval_draws or 1
-        if draws > 1 and not _STATIC_PASS.get() and not DEFENSES.build(self.name, **self.params()).randomized:
+        if draws > 1 and not static_pass_on() and not DEFENSES.build(self.name, **self.params()).randomized:
             raise ConfigError(
                 f"eval_draws: {self.eval_draws} draws of defense {self.name!r}, which is not randomised (every draw "
                 "is the same); remove eval_draws"
@@ -245,11 +196,11 @@ class MeasureConfig(_Strict):
     @classmethod
     def _known_views(cls, v: str | list[Any]) -> str | list[Any]:
         # Checked at load time like a defense's views: a typo must not surface only when a shard first scores.
-        if _STATIC_PASS.get():
+        if static_pass_on():
             return v
         from equicore.transforms import build_views
 
-        return _checked(build_views, v)
+        return checked(build_views, v)
 
 
 ReportLayout = Literal["attack_x_defense", "eps_v_sweep", "k_sweep", "ablation", "equivariance"]
@@ -305,7 +256,7 @@ class ClusterConfig(_Strict):
     @field_validator("address")
     @classmethod
     def _address(cls, v: str | None) -> str | None:
-        return None if v is None else _checked(check_scheduler_address, v)
+        return None if v is None else checked(check_scheduler_address, v)
 
     @model_validator(mode="after")
     def _one_way_to_run(self) -> ClusterConfig:
@@ -389,7 +340,7 @@ def expand_suite(data: Any) -> Any:
         raise ConfigError(_format_validation_error(e, "suite")) from None
     model = data.get("model") if isinstance(data.get("model"), dict) else {}
     name = model.get("name")
-    task = MODELS.meta(name).get("task") if isinstance(name, str) and name in MODELS else None
+    task = MODELS.meta(name).get("task") if isinstance(name, str) and name in MODELS else model.get("task")
     adaptive = False
     for d in data.get("defenses") or []:
         if isinstance(d, dict) and isinstance(d.get("name"), str) and d["name"] in DEFENSES:
@@ -440,6 +391,11 @@ class RunConfig(_Strict):
     )
 
     suite_used: SuiteConfig | None = Field(default=None, description="the suite the attacks were expanded from")
+    plugins: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="your own .py files or folders (relative to the config file) where model.factory is found",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -468,9 +424,9 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _attacks_fit_task(self) -> RunConfig:
         # Fail at load time, not on a worker hours later: e.g. Houdini is a segmentation attack.
-        if _STATIC_PASS.get():
+        if static_pass_on():
             return self
-        task = MODELS.meta(self.model.name).get("task")
+        task = self.model.task_name
         if not task:
             return self
         from equicore.attacks import build_attack
@@ -491,6 +447,15 @@ class RunConfig(_Strict):
                 )
             if spec.targeted and task == "instance":
                 raise ConfigError(f"attacks.{i} ({a.name}): targeted attacks are not defined for instance models")
+        return self
+
+    @model_validator(mode="after")
+    def _factory_found(self) -> RunConfig:
+        # The module is located (never imported) now: `os:system` or a module outside plugins fails at load time.
+        if self.model.factory is not None:
+            check_factory_found(self.model.factory, self.plugins)
+        elif self.plugins:
+            raise ConfigError("plugins: only a model.factory uses them; remove plugins or set model.factory")
         return self
 
     @model_validator(mode="after")
@@ -518,6 +483,10 @@ class RunConfig(_Strict):
         for k in ("cluster", "retries", "retry_delay_s", "cache_dir", "results_dir", "device", "report", "worst_case"):
             d.pop(k, None)
         d.pop("suite_used", None)  # the expanded attacks are what determines the numbers
+        d.pop("plugins", None)  # where code lives; its digest is in the cache keys (tasks.code_identity)
+        for key in ("name", *USER_MODEL_FIELDS):  # unset: the identity of configs written before user models
+            if d["model"].get(key) is None:
+                d["model"].pop(key, None)
         for defense in d["defenses"]:  # unset: the identity of configs written before eval_draws existed
             if defense.get("eval_draws") is None:
                 defense.pop("eval_draws", None)
@@ -563,7 +532,7 @@ def parse_config(data: Any, source: str = "config") -> RunConfig:
     try:
         if "suite" not in data:  # (suites are expanded by the engine's registries)
             # Static pass first: most mistakes (unknown keys and names, types, bounds) fail here without torch.
-            with _static_pass():
+            with static_pass():
                 RunConfig.model_validate(data)
         return RunConfig.model_validate(data)
     except ValidationError as e:
@@ -589,7 +558,7 @@ def load_config(
         try:
             data = apply_overrides(data, sets, limit=limit, device=device)
             refuse_network_fields(data)
-            data = expand_env(data)
+            data = resolve_plugins(expand_env(data), p.resolve().parent)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
     return parse_config(data, source)

@@ -5,9 +5,9 @@
   a loopback interface is refused, naming the flag to use instead (``equi run --cluster ADDRESS`` /
   ``--listen HOST``). The same holds for a run's manifest on ``equi resume``: its recorded network settings are
   dropped, the flags give them again.
-- ``${VAR}`` expands only in path fields (``cache_dir``, ``results_dir``, ``model.checkpoint``, a defense's ``head``
-  and a dataset's path parameters): elsewhere, e.g. ``report.title: ${API_TOKEN}``, it would copy a secret of the
-  environment into the run's manifest and reports.
+- ``${VAR}`` expands only in path fields (``cache_dir``, ``results_dir``, ``model.checkpoint``, ``model.file``,
+  ``plugins`` entries, a defense's ``head`` and a dataset's path parameters): elsewhere, e.g.
+  ``report.title: ${API_TOKEN}``, it would copy a secret of the environment into the run's manifest and reports.
 - Parameters of attacks, defenses, datasets and models are checked against the types their factories declare: a
   boolean is not a number (``eps: true`` is not 1/255), a number is not a boolean, floats are finite.
 """
@@ -123,10 +123,12 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 def is_env_field(where: str) -> bool:
     """Fields in which ``${VAR}`` expands: paths (module docstring)."""
     parts = where.split(".")
-    if where in ("cache_dir", "results_dir", "model.checkpoint"):
+    if where in ("cache_dir", "results_dir", "model.checkpoint", "model.file"):
         return True
     if len(parts) == 3 and parts[:2] == ["dataset", "params"]:
         return is_path_param(parts[2])
+    if len(parts) == 2 and parts[0] == "plugins":
+        return True
     return len(parts) == 3 and parts[0] == "defenses" and parts[2] == "head"
 
 
@@ -152,8 +154,9 @@ def _expand(data: Any, where: str, missing: list[tuple[str, str]]) -> Any:
     if isinstance(data, str) and _ENV_REF.search(data):
         if not is_env_field(where):
             raise ConfigError(
-                f"{where}: ${{VAR}} expands only in path fields (cache_dir, results_dir, model.checkpoint, a "
-                "defense's head, dataset path parameters), so a config cannot copy the environment into results"
+                f"{where}: ${{VAR}} expands only in path fields (cache_dir, results_dir, model.checkpoint, model.file, "
+                "plugins, a defense's head, dataset path parameters), so a config cannot copy the environment into "
+                "results"
             )
 
         def sub(m: re.Match[str]) -> str:

@@ -37,6 +37,8 @@ def config_paths(cfg: RunConfig) -> Iterator[tuple[str, str]]:
     yield "results_dir", cfg.results_dir
     if cfg.model.checkpoint not in (None, RANDOM_INIT):
         yield "model.checkpoint", cfg.model.checkpoint
+    if cfg.model.file is not None:
+        yield "model.file", cfg.model.file
     for key, value in cfg.dataset.params.items():
         if is_path_param(key) and isinstance(value, str):
             yield f"dataset.params.{key}", value

@@ -64,7 +64,7 @@ def _unit_rows(rt: Runtime, store: RunStore, unit: UnitSpec, n_shards: int, prov
                     **provenance,
                     "run_id": store.run_id,
                     "dataset": cfg.dataset.name,
-                    "model": cfg.model.name,
+                    "model": cfg.model.label,
                     "attack": attack.name,
                     "attack_params": attack.params(),
                     "defense": defense.name,

@@ -22,10 +22,12 @@ from equicore.datasets import collate
 from equicore.errors import InvalidInputError
 from equicore.models.checkpoint import weights_digest
 from equicore.models.common import RANDOM_INIT, resolve_checkpoint
+from equicore.models.user import check_dynamic_shapes, check_output
 from equicore.registry import DATASETS, MODELS
 from equicore.seeding import derive_seed
 from storage.keys import code_version as _code_version
 from tasks.config import RunConfig
+from tasks.user_code import build_user_model
 
 
 @functools.cache
@@ -80,10 +82,16 @@ class Runtime:
 def build_runtime(cfg: RunConfig, device: torch.device | None = None) -> Runtime:
     dataset = DATASETS.build(cfg.dataset.name, **cfg.dataset.params)
     task = dataset.task
-    model_task = MODELS.meta(cfg.model.name).get("task")
+    label = cfg.model.label
+    model_task = cfg.model.task_name
     if model_task and model_task != task:
         raise InvalidInputError(
-            f"model {cfg.model.name!r} is a {model_task} model but dataset {cfg.dataset.name!r} is a {task} dataset"
+            f"model {label!r} is a {model_task} model but dataset {cfg.dataset.name!r} is a {task} dataset"
+        )
+    if cfg.model.num_classes is not None and cfg.model.num_classes != dataset.num_classes:
+        raise InvalidInputError(
+            f"model.num_classes is {cfg.model.num_classes} but dataset {cfg.dataset.name!r} has "
+            f"{dataset.num_classes} classes"
         )
     n = len(dataset)
     if cfg.dataset.indices is not None:
@@ -99,36 +107,48 @@ def build_runtime(cfg: RunConfig, device: torch.device | None = None) -> Runtime
             "expected at least one sample"
         )
     device = device or pick_device(cfg.device)
-    checkpoint = resolve_checkpoint(cfg.model.name, cfg.model.checkpoint, "set model.checkpoint")
-    kwargs = dict(cfg.model.params)
-    if checkpoint is not None:
-        kwargs["checkpoint"] = checkpoint
-    if cfg.model.checkpoint == RANDOM_INIT:
+    if cfg.model.checkpoint == RANDOM_INIT or cfg.model.kind == "factory":
         torch.manual_seed(derive_seed(cfg.seed, "model-init"))  # an untrained model must still be reproducible
-    model = MODELS.build(cfg.model.name, **kwargs).eval().to(device)
+    model, options = _build_model(cfg)
+    model = model.eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)  # attacks and defenses differentiate w.r.t. inputs only
-    options = dict(cfg.model.adapter)
     if task == "segmentation":
         options.setdefault("ignore_index", dataset.ignore_index if dataset.ignore_index is not None else 255)
+    x, _, ids = collate([dataset[indices[0]]])
+    if cfg.model.kind != "name":  # a user's model: its output must fit the task and classes, its file any shape
+        check_output(model, x.to(device), task, dataset.num_classes, repr(label))
+        if cfg.model.kind == "file":
+            check_dynamic_shapes(model, x.to(device), repr(label))
     adapter = build_adapter(task, model, num_classes=dataset.num_classes, **options)
     adapter.model_name = cfg.model.name  # self-supervised defenses find the model's shipped head by this name
     # Fail now, naming both sides, if the model's classes do not match the dataset's, and naming the model if its
     # features or logits are not finite (broken weights would otherwise surface deep inside an attack).
-    x, _, ids = collate([dataset[indices[0]]])
     try:
         with torch.no_grad():
             out = adapter.forward(x.to(device))
     except InvalidInputError as exc:
-        raise InvalidInputError(f"model {cfg.model.name!r} on dataset {cfg.dataset.name!r}: {exc}") from None
+        raise InvalidInputError(f"model {label!r} on dataset {cfg.dataset.name!r}: {exc}") from None
     for what in ("features", "logits"):
         value = getattr(out, what, None)
         if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value).all()):
             raise InvalidInputError(
-                f"model {cfg.model.name!r} (checkpoint {cfg.model.checkpoint or 'default'}): its {what} for sample "
+                f"model {label!r} (checkpoint {cfg.model.checkpoint or 'default'}): its {what} for sample "
                 f"{ids[0]} contain NaN/Inf (expected finite values; are the weights broken?)"
             )
     return Runtime(cfg, dataset, indices, model, adapter, device, weights_digest(model), dataset.fingerprint())
+
+
+def _build_model(cfg: RunConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The config's model (built-in, factory or file) and its adapter options."""
+    if cfg.model.kind != "name":
+        return build_user_model(cfg.model, cfg.plugins)
+    name = cfg.model.name or ""
+    checkpoint = resolve_checkpoint(name, cfg.model.checkpoint, "set model.checkpoint")
+    kwargs = dict(cfg.model.params)
+    if checkpoint is not None:
+        kwargs["checkpoint"] = checkpoint
+    return MODELS.build(name, **kwargs), dict(cfg.model.adapter)
 
 
 @functools.lru_cache(maxsize=2)

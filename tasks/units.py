@@ -50,10 +50,11 @@ def attack_identity(rt: Runtime, attack: AttackConfig, target_params: dict[str, 
         "indices": content_key(rt.indices, ""),
         "shard_size": rt.cfg.shard_size,
         "model": {
-            "name": rt.cfg.model.name,
+            "name": rt.cfg.model.label,
             "weights": rt.model_digest,
             "params": rt.cfg.model.params,
             "adapter": rt.cfg.model.adapter,
+            **rt.cfg.model.identity(),  # a factory or file model: what it is, its task and input normalisation
         },
         "attack": {"name": attack.name, **params},
         "seed": rt.cfg.seed,

@@ -1,4 +1,5 @@
-"""Security defaults (issue #7): checkpoints load with weights_only=True only; configs cannot import or run code;
+"""Security defaults (issue #7): checkpoints load with weights_only=True only; configs cannot import or run code
+(except a ``model.factory`` naming the user's own module, issue #17: imported in one place, by file path);
 paths cannot escape the declared data and output roots through ``..`` or symlinks unless the user passes
 ``--allow-outside-roots``; local Dask clusters and the temporary Prefect API listen on 127.0.0.1 only; ``equi query``
 cannot change the results. Related: tests/test_models.py (pickled code refused), tests/test_storage_query.py
@@ -68,7 +69,7 @@ def test_every_torch_load_passes_weights_only_true():
 
 def test_no_code_path_imports_or_evaluates_strings():
     """No dynamic import, eval/exec, unsafe YAML or raw unpickling anywhere in the shipped code: a name in a config
-    can only be looked up in a registry."""
+    can only be looked up in a registry (a ``model.factory`` file import: see the next test)."""
     forbidden = {
         "eval",
         "exec",
@@ -117,8 +118,33 @@ def test_config_names_that_look_like_code_are_unknown_names(tmp_path, name):
         assert name in str(info.value), where
 
 
+def test_user_code_is_imported_in_one_place_only():
+    """The one way a config runs code is explicit: ``model.factory`` imports the user's own module, by file path,
+    through ``equicore.models.user.import_module_file`` (called from ``tasks.user_code`` only, after the module was
+    found in the user's files). No other module imports by file path or executes a module."""
+    loaders = {"spec_from_file_location", "module_from_spec", "exec_module", "run_path", "SourceFileLoader"}
+    found = sorted(
+        {
+            str(path.relative_to(REPO))
+            for path, tree in _sources()
+            for call in _calls(tree)
+            if _dotted(call.func).split(".")[-1] in loaders
+        }
+    )
+    assert found == ["equicore/models/user.py"]
+    callers = sorted(
+        {
+            str(path.relative_to(REPO))
+            for path, tree in _sources()
+            for call in _calls(tree)
+            if _dotted(call.func).split(".")[-1] == "import_module_file"
+        }
+    )
+    assert callers == ["tasks/user_code.py"]
+
+
 def test_no_plugin_flag_exists():
-    """There is no mechanism to load code named by a config, so there is no flag that enables one."""
+    """Code runs only where a config's model.factory names the user's own module; no flag widens that."""
     result = CliRunner().invoke(app, ["run", "--help"])
     assert "--allow-outside-roots" in result.output and "plugin" not in result.output.lower()
 

@@ -9,6 +9,7 @@ from equicore.datasets import (  # noqa: F401  (imports register the factories)
     cityscapes,
     coco,
     fashion_mnist,
+    folders,
     imagenet,
     mnist,
     scenes,

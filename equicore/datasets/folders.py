@@ -165,7 +165,7 @@ class ImageFolderDataset(_FolderBase):
     def _load(self, index: int) -> Sample:
         path = self._files[index]
         img = self._geo.image(read_image(path, self._mode, root=self.root), path, self.expected_hw())
-        return Sample(self.sample_id(index), image_to_tensor(img), self._labels[index])
+        return Sample(self.sample_id(index), image_to_tensor(np.array(img)), self._labels[index])  # writable copy
 
     def _options(self) -> dict[str, Any]:
         return {**self._geo.options(), "mode": self._mode, "classes": list(self.class_names)}
@@ -297,7 +297,8 @@ class SegmentationFolderDataset(_FolderBase):
         check_label_values(label, self.num_classes - 1, mask_path, self.ignore_index)
         img = self._geo.image(img, image_path, self.expected_hw())
         label = self._geo.mask(label)
-        return Sample(self.sample_id(index), image_to_tensor(img), torch.from_numpy(label.astype(np.int64)))
+        image = image_to_tensor(np.array(img))  # a writable copy: torch warns on read-only arrays
+        return Sample(self.sample_id(index), image, torch.from_numpy(label.astype(np.int64)))
 
     def _options(self) -> dict[str, Any]:
         return {**self._geo.options(), "ignore_index": self.ignore_index, "classes": list(self.class_names)}

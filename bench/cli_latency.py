@@ -5,7 +5,7 @@
 
 Makes one small finished run in a temporary folder first (in process, MNIST fixture digits, 5 images), then times
 ``equi --help``, ``equi status``, ``equi status RUN``, ``equi query``, ``equi report RUN``, ``equi list models``, the
-HTML report (which draws its plots with matplotlib, so is not counted among the quick commands), a
+HTML report (not counted among the quick commands: a run with plots or example grids imports matplotlib), a
 config with a typo (caught by the static pass, no torch) and a config whose error needs the engine (``eps: -4``,
 which imports torch to build the attack). The machine is shared and noisy: compare the figures with each other, in
 one run. The last line is ``max_read_only_s=<slowest median of the read-only commands and the typo>``.
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
             "equi query SQL": (["query", "select attack, defense, value from results", *r], 0, True),
             "equi report RUN": (["report", run_id, *r], 0, True),
             "equi list models": (["list", "models"], 0, True),
-            "equi report RUN -f html (plots)": (
+            "equi report RUN -f html": (
                 ["report", run_id, *r, "-f", "html", "-o", str(tmp / "r.html")],
                 0,
                 False,

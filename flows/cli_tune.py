@@ -1,0 +1,38 @@
+"""``equi tune CONFIG``: the command's body (the search itself is :mod:`flows.tune`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def run_tune(config: Path, *, in_process: bool, quiet: bool, console: Any) -> None:
+    from flows.tune import tune
+    from tasks.tune_config import load_tune_config
+
+    spec = load_tune_config(config)
+    if in_process:
+        from dataclasses import replace
+
+        data = {**spec.base, "cluster": {**(spec.base.get("cluster") or {}), "in_process": True}}
+        for key in ("n_workers", "dashboard"):
+            data["cluster"].pop(key, None)
+        spec = replace(spec, base=data)
+
+    def log(line: str) -> None:
+        if not quiet:
+            console.print(line, highlight=False, soft_wrap=True, markup=False)
+
+    result = tune(spec, log=log)
+    c = result.cost
+    chosen = result.chosen
+    console.print(
+        f"chosen: candidate {chosen.number} ({chosen.label})\n"
+        f"front: {result.front_path}\nplot: {result.plot_path}\npreset: {result.preset_path}\n"
+        f"cost: {c.runs} runs ({c.shards_computed} unit-shards computed, {c.shards_skipped} already done), "
+        f"{c.image_passes:,.0f} image passes computed, {c.seconds:.1f} s wall\n"
+        f"Evaluate the preset ONCE on the test split: equi run {result.preset_path}",
+        highlight=False,
+        soft_wrap=True,
+        markup=False,
+    )

@@ -222,7 +222,8 @@ def parse_tune_config(data: Any, source: str = "config") -> TuneSpec:
     try:
         search = SearchConfig.model_validate(data["search"])
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, f"{source}: search")) from None
+        message = _format_validation_error(e, source)
+        raise ConfigError(message.replace(f"{source}: ", f"{source}: search.", 1)) from None
     base = parse_config(base_data, source)
     try:
         return _spec(source, base_data, search, base)

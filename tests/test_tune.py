@@ -264,3 +264,14 @@ def test_scene_val_split_uses_train_side_sources_only() -> None:
         train.fingerprint(),
         scenes.fashion_scenes(split="test", cache=False).fingerprint(),
     )
+
+
+def test_every_dataset_declares_its_test_split_and_a_distinct_validation_split() -> None:
+    from equicore.registry import DATASETS
+
+    for name in DATASETS.names():
+        meta = DATASETS.meta(name)
+        assert meta.get("test_split"), name
+        assert meta.get("validation_split") != meta["test_split"], name
+    builtin = {n for n in DATASETS.names() if DATASETS.meta(n).get("validation_split")}
+    assert builtin == {"fashion_mnist", "mnist", "fashion_scenes", "fashion_scenes_instances"}

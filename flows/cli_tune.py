@@ -10,14 +10,7 @@ def run_tune(config: Path, *, in_process: bool, quiet: bool, console: Any) -> No
     from flows.tune import tune
     from tasks.tune_config import load_tune_config
 
-    spec = load_tune_config(config)
-    if in_process:
-        from dataclasses import replace
-
-        data = {**spec.base, "cluster": {**(spec.base.get("cluster") or {}), "in_process": True}}
-        for key in ("n_workers", "dashboard"):
-            data["cluster"].pop(key, None)
-        spec = replace(spec, base=data)
+    spec = load_tune_config(config, in_process=in_process)
 
     def log(line: str) -> None:
         if not quiet:

@@ -14,10 +14,11 @@ preset. The test split is never loaded: every run here is a validation-split run
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,8 +91,38 @@ def _cell(cfg: RunConfig, metric: str, worst: bool) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def shared_runner(spec: TuneSpec) -> Iterator[Runner | None]:
+    """How the candidate runs execute: in this process as the config says, or on ONE local Dask cluster and ONE
+    Prefect API for every candidate (as ``equi demo`` does; starting them per candidate would cost more than a small
+    run). The cluster settings are not part of a run id, so either way the runs resume each other."""
+    cluster = spec.base_config.cluster
+    if cluster.in_process or cluster.address:
+        yield None
+        return
+    from flows.execution import local_cluster, prefect_api
+    from flows.pipeline import run
+
+    with local_cluster(cluster.n_workers) as (address, threads, gpus), prefect_api():
+
+        def runner(cfg: RunConfig) -> Any:
+            data = cfg.model_dump(mode="json")
+            local = {"n_workers": None, "dashboard": False, "host": "127.0.0.1"}
+            data["cluster"].update(address=address, torch_threads=threads, gpu_resources=gpus, **local)
+            return run(RunConfig.model_validate(data))
+
+        yield runner
+
+
 def tune(spec: TuneSpec, *, runner: Runner | None = None, log: Callable[[str], None] = print) -> TuneResult:
     """Run the search of ``spec`` (resumable) and write its outputs; see the module docstring."""
+    if runner is None:
+        with shared_runner(spec) as shared:
+            return _tune(spec, shared, log)
+    return _tune(spec, runner, log)
+
+
+def _tune(spec: TuneSpec, runner: Runner | None, log: Callable[[str], None]) -> TuneResult:
     started = time.perf_counter()
     cost = Cost()
     metric = TASK_METRICS[_task(spec)]

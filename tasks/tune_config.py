@@ -31,6 +31,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from equicore.errors import EquirobustError
 from equicore.registry import DATASETS
 from tasks.config import CLEAN, RunConfig, _format_validation_error, canonical, parse_config
 from tasks.config_errors import ConfigError
@@ -253,13 +254,16 @@ def _spec(source: str, base_data: dict[str, Any], search: SearchConfig, base: Ru
         entry["eval_draws"] = tuned.eval_draws
     grid = check_space(search.space)
     candidates = [Candidate(0, {}, entry)]
-    seen = {canonical(entry)}
+    seen = [_identity(entry)]
     for settings in grid:
         defense = {**entry, **settings}
-        key = canonical(defense)
-        if key in seen:  # the grid point is the baseline (or another point) already
+        try:
+            key = _identity(defense)
+        except EquirobustError:
+            key = canonical(defense)  # refused by the engine: reported with its candidate below
+        if key in seen:  # the grid point IS the baseline (or another point): e.g. step_rule: sign, schedule: constant
             continue
-        seen.add(key)
+        seen.append(key)
         candidates.append(Candidate(len(candidates), settings, defense))
     spec = TuneSpec(source, base_data, search, base, split, candidates)
     for c in candidates:  # every candidate run is valid before any runs (an option the engine refuses, a bad attack)
@@ -272,7 +276,17 @@ def _spec(source: str, base_data: dict[str, Any], search: SearchConfig, base: Ru
     return spec
 
 
-def load_tune_config(path: str | Path) -> TuneSpec:
+def _identity(entry: dict[str, Any]) -> Any:
+    """What a defense entry computes: the built defense (options in canonical form, defaults filled) and its draws."""
+    from equicore.registry import DEFENSES
+
+    params = {k: v for k, v in entry.items() if k not in ("name", "eval_draws")}
+    return (DEFENSES.build(entry["name"], **params), entry.get("eval_draws"))
+
+
+def load_tune_config(path: str | Path, *, in_process: bool = False) -> TuneSpec:
+    """A tune config FILE (read within limits, no network fields, ``${VAR}`` in paths); ``in_process``: run every
+    candidate in this process (``--in-process``; not part of any run id)."""
     from tasks.config_checks import expand_env, refuse_network_fields
     from tasks.config_yaml import read_config_file
 
@@ -284,6 +298,9 @@ def load_tune_config(path: str | Path) -> TuneSpec:
             data = {**expand_env({k: v for k, v in data.items() if k != "search"}), "search": data.get("search")}
             if data["search"] is None:
                 data.pop("search")
+            if in_process:
+                cluster = {k: v for k, v in (data.get("cluster") or {}).items() if k not in ("n_workers", "dashboard")}
+                data["cluster"] = {**cluster, "in_process": True}
         except ConfigError as e:
             raise ConfigError(f"{p}: {e}") from None
     return parse_tune_config(data, str(p))

@@ -275,3 +275,18 @@ def test_every_dataset_declares_its_test_split_and_a_distinct_validation_split()
         assert meta.get("validation_split") != meta["test_split"], name
     builtin = {n for n in DATASETS.names() if DATASETS.meta(n).get("validation_split")}
     assert builtin == {"fashion_mnist", "mnist", "fashion_scenes", "fashion_scenes_instances"}
+
+
+def test_grid_points_equal_to_the_baseline_are_not_run_twice(tmp_path) -> None:
+    data = tune_data(tmp_path, tmp_path)
+    data["search"]["space"] = {"step_rule": ["sign", "normalized"], "schedule": ["constant", "cosine"]}
+    spec = parse_tune_config(data, "cfg.yaml")
+    # (sign, constant) is Algorithm 1 as configured: the baseline, candidate 0.
+    assert [c.label for c in spec.candidates] == [
+        "baseline (as configured)",
+        "step_rule=sign, schedule=cosine",
+        "step_rule=normalized, schedule=constant",
+        "step_rule=normalized, schedule=cosine",
+    ]
+    assert len({spec.screen_config(c).run_id() for c in spec.candidates}) == 4
+    assert all(spec.screen_config(c).dataset.params["split"] == "val" for c in spec.candidates)

@@ -16,15 +16,31 @@ import pytest
 import yaml
 
 from equicore.datasets import fashion_mnist, mnist, scenes
+from equicore.errors import DatasetError
 from tasks.config import load_config
 from tasks.config_errors import ConfigError
 from tasks.tune_config import parse_tune_config
 from tasks.tune_front import choose, feasible, pareto_front, rank
 
 FM_DIR = fashion_mnist.FASHION_MNIST_DIR
+
+
+def _has_backgrounds() -> bool:
+    try:
+        scenes.background_dir()
+    except DatasetError:
+        return False
+    return True
+
+
 needs_fashion = pytest.mark.skipif(
     not all(f.is_file() for s in ("train", "test") for f in fashion_mnist.idx_files(FM_DIR, s)),
     reason=f"Fashion-MNIST missing at {FM_DIR}: run `python scripts/prepare_data.py`",
+)
+needs_scenes = pytest.mark.skipif(
+    not all(f.is_file() for s in ("train", "test") for f in fashion_mnist.idx_files(FM_DIR, s))
+    or not _has_backgrounds(),
+    reason="Fashion scenes need Fashion-MNIST and the scikit-image photos: run `python scripts/prepare_data.py`",
 )
 COMPARED = ("candidate", "label", "clean", "robust_screen", "robust_confirmed", "on_front", "feasible", "chosen")
 
@@ -251,7 +267,7 @@ def test_mnist_val_is_a_fixed_tail_of_the_train_digits(tmp_path) -> None:
     assert np.array_equal(val._labels, table[4000:4003, -1])
 
 
-@needs_fashion
+@needs_scenes
 def test_scene_val_split_uses_train_side_sources_only() -> None:
     val = scenes.fashion_scenes(split="val", num_scenes=3, cache=False)
     train = scenes.fashion_scenes(split="train", num_scenes=3, cache=False)

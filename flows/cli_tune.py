@@ -7,7 +7,7 @@ from typing import Any
 
 
 def run_tune(config: Path, *, in_process: bool, quiet: bool, console: Any) -> None:
-    from flows.tune import tune
+    from flows.tune import TuneRunFailed, tune
     from tasks.tune_config import load_tune_config
 
     spec = load_tune_config(config, in_process=in_process)
@@ -16,7 +16,13 @@ def run_tune(config: Path, *, in_process: bool, quiet: bool, console: Any) -> No
         if not quiet:
             console.print(line, highlight=False, soft_wrap=True, markup=False)
 
-    result = tune(spec, log=log)
+    try:
+        result = tune(spec, log=log)
+    except TuneRunFailed as e:  # not bad input: exit 1, like `equi run` with failed shards
+        import typer
+
+        console.print(f"error: {e}", highlight=False, soft_wrap=True, markup=False)
+        raise typer.Exit(1) from None
     c = result.cost
     chosen = result.chosen
     console.print(

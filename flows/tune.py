@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from equicore.errors import EquirobustError
 from storage import results as R
 from storage.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from tasks.config import TASK_METRICS, RunConfig
@@ -30,6 +31,10 @@ from tasks.tune_config import Candidate, TuneSpec
 from tasks.tune_front import choose, feasible, pareto_front, rank, tolerance_units
 
 WORST = "worst"
+
+
+class TuneRunFailed(EquirobustError):
+    """A candidate run ended with failed shards (the search stops; everything finished is kept)."""
 
 
 @dataclass
@@ -63,8 +68,9 @@ def _run(cfg: RunConfig, cost: Cost, runner: Runner | None) -> None:
     cost.image_passes += float(dry_run(cfg, estimate_seconds=False)["passes_to_compute"])
     summary = (runner or run)(cfg)
     if summary.failed:
-        raise RuntimeError(
-            f"run {summary.run_id}: {len(summary.failed)} shard(s) failed; `equi status {summary.run_id}`"
+        raise TuneRunFailed(
+            f"run {summary.run_id}: {len(summary.failed)} shard(s) failed ({summary.failed[0]['error']}); see "
+            f"`equi status {summary.run_id}`, fix the cause and run `equi tune` again: finished candidates are kept"
         )
     cost.runs += 1
     cost.shards_computed += summary.computed

@@ -130,15 +130,13 @@ class TuneSpec:
         ds["limit"] = self.search.validation.limit
         if ds["limit"] is None:
             ds.pop("limit")
-        data = {k: v for k, v in base.items() if k not in ("suite", "worst_case", "report", "reference_eps")}
+        data = {k: v for k, v in base.items() if k not in ("suite", "worst_case", "report")}
         data.update(
             name=f"{self.name[:40]}-tune-{phase}",
             dataset=ds,
             attacks=[{"name": CLEAN}, *attacks],
             defenses=[c.defense],
         )
-        if base.get("reference_eps") is not None:
-            data["reference_eps"] = base["reference_eps"]
         return data
 
     def preset(self, chosen: Candidate) -> dict[str, Any]:

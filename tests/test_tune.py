@@ -164,6 +164,18 @@ def test_tuning_never_reads_the_test_split(clean_search, tmp_path, monkeypatch) 
     assert poisoned_preset["defenses"] == clean_preset["defenses"]
 
 
+@needs_fashion
+def test_a_candidate_run_with_failed_shards_stops_the_search_naming_it(clean_search) -> None:
+    from flows.pipeline import RunSummary
+    from flows.tune import TuneRunFailed, tune
+
+    def failing(cfg):
+        return RunSummary(cfg.run_id(), cfg.results_dir, 6, 1, 0, 0, [{"unit": "u", "shard": 0, "error": "boom"}])
+
+    with pytest.raises(TuneRunFailed, match=r"tiny-tune-tune-screen-\w+: 1 shard\(s\) failed \(boom\)"):
+        tune(clean_search["spec"], runner=failing, log=lambda _: None)
+
+
 # --------------------------------------------------------------------------------------------------- bad input
 def _edit(data: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
     out = copy.deepcopy(data)

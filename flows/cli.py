@@ -554,6 +554,22 @@ def prepare_data(
     console.print_json(json.dumps({k: str(v) for k, v in paths.items()}))
 
 
+@app.command()
+def tune(
+    config: Annotated[Path, typer.Argument(help="tune config: a run config plus a search: section (README)")],
+    in_process: Annotated[
+        bool, typer.Option("--in-process", help="no Dask/Prefect: run every candidate here, in order")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no per-candidate lines")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect/Dask logs")] = False,
+) -> None:
+    """Search a defense's optimiser options on the VALIDATION split; write the Pareto front and a tuned preset."""
+    _quiet_libraries(verbose)
+    from flows.cli_tune import run_tune
+
+    _guard(run_tune, config, in_process=in_process, quiet=quiet, console=console)
+
+
 @app.command("list")
 def list_entries(
     kind: Annotated[

@@ -128,6 +128,55 @@ def line_plot(series: Sequence[Series], *, title: str, xlabel: str, ylabel: str,
         return _png(fig)
 
 
+def pareto_plot(rows: Sequence[Mapping[str, Any]], *, metric: str, title: str) -> bytes:
+    """``equi tune``'s front: robust vs clean metric (%) of every screened candidate with its 95% intervals; the
+    Pareto front joined by a line, the baseline as a square, confirmed points as open diamonds at their confirmed
+    robust value, the chosen one as a star."""
+
+    def pct(v: Any) -> float:
+        return float("nan") if v is None else 100.0 * float(v)
+
+    with _style():
+        fig = _figure(5.0, 3.6)
+        ax = fig.add_subplot(1, 1, 1)
+        for r in rows:
+            x, y = pct(r["clean"]), pct(r["robust_screen"])
+            xerr = [[x - pct(r.get("clean_ci_low") or r["clean"])], [pct(r.get("clean_ci_high") or r["clean"]) - x]]
+            yerr = [
+                [y - pct(r.get("robust_screen_ci_low") or r["robust_screen"])],
+                [pct(r.get("robust_screen_ci_high") or r["robust_screen"]) - y],
+            ]
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor="#bbbbbb", elinewidth=0.6, zorder=1)
+            marker = "s" if r.get("baseline") else "o"
+            colour = "#d62728" if r.get("on_front") else "#1f77b4"
+            ax.plot([x], [y], marker=marker, color=colour, markersize=5, linestyle="none", zorder=3)
+            ax.annotate(str(r["candidate"]), (x, y), xytext=(3, 3), textcoords="offset points", fontsize=6)
+            if r.get("robust_confirmed") is not None:
+                yc = pct(r["robust_confirmed"])
+                ax.plot([x], [yc], marker="D", mfc="none", color="#2ca02c", markersize=5, linestyle="none", zorder=3)
+                ax.plot([x, x], [y, yc], color="#2ca02c", linewidth=0.6, linestyle=":", zorder=2)
+            if r.get("chosen"):
+                yc = pct(r["robust_confirmed"]) if r.get("robust_confirmed") is not None else y
+                ax.plot([x], [yc], marker="*", color="#ff7f0e", markersize=12, linestyle="none", zorder=4)
+        front = sorted((pct(r["clean"]), pct(r["robust_screen"])) for r in rows if r.get("on_front"))
+        if len(front) > 1:
+            ax.plot(*zip(*front, strict=True), color="#d62728", linewidth=1, zorder=2)
+        ax.set_title(title, parse_math=False)
+        ax.set_xlabel(f"clean {metric} (%), validation split")
+        ax.set_ylabel(f"robust {metric} (%)")
+        ax.grid(True, linewidth=0.4, alpha=0.5)
+        handles = [
+            ax.plot([], [], "o", color="#d62728", label="Pareto front (screen attack)")[0],
+            ax.plot([], [], "o", color="#1f77b4", label="dominated")[0],
+            ax.plot([], [], "s", color="#555555", label="baseline (as configured)")[0],
+            ax.plot([], [], "D", mfc="none", color="#2ca02c", label="confirmed (strong attacks, worst)")[0],
+            ax.plot([], [], "*", color="#ff7f0e", markersize=10, label="chosen")[0],
+        ]
+        ax.legend(handles=handles, loc="best", frameon=False)
+        fig.subplots_adjust(left=0.12, right=0.97, top=0.9, bottom=0.14)
+        return _png(fig)
+
+
 # ------------------------------------------------------------------------------------------------ example grid
 STATE_TITLES = {"clean": "clean", "attacked": "attacked", "restored": "restored"}
 

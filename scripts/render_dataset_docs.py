@@ -44,6 +44,12 @@ def render() -> str:
         except Exception:  # noqa: BLE001  (unresolvable annotations: show the raw ones)
             hints = {}
         lines = [f"## `{name}` ({meta.get('task', '?')})", ""]
+        val = meta.get("validation_split")
+        splits = f"Test split: `{meta.get('test_split', '?')}`. Validation split (`equi tune`): "
+        splits += (
+            f"`{val}`." if val else "none declared; name a held-out split of your own (`search.validation.split`)."
+        )
+        lines += [splits, ""]
         doc = inspect.getdoc(factory) or ""
         if doc:
             lines += [doc, ""]

@@ -258,7 +258,7 @@ def test_scene_dataset_pickles_as_a_recipe() -> None:
 
 def test_scene_options_are_validated() -> None:
     with pytest.raises(DatasetError, match="unknown split"):
-        scenes.scene_config("val", 0, None, 96, (2, 4), None, 0.15, 8)
+        scenes.scene_config("validation", 0, None, 96, (2, 4), None, 0.15, 8)
     with pytest.raises(DatasetError, match="item_size"):
         scenes.scene_config("train", 0, None, 32, (2, 4), (20, 44), 0.15, 8)
     cfg = scenes.scene_config("test", 0, None, (64, 128), (2, 4), None, 0.15, 8)

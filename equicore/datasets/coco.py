@@ -226,7 +226,7 @@ def _open(
     return CocoIndex(ann, categories), imgs
 
 
-@DATASETS.register("coco", task="segmentation", modules=_MODULES)
+@DATASETS.register("coco", task="segmentation", modules=_MODULES, test_split="val2017")
 def coco(
     root: str,
     split: str = "val2017",
@@ -244,7 +244,7 @@ def coco(
     return CocoDataset(index, imgs, split, "segmentation", as_hw(size, "coco"), include_crowd=False)
 
 
-@DATASETS.register("coco_instances", task="instance", modules=_MODULES)
+@DATASETS.register("coco_instances", task="instance", modules=_MODULES, test_split="val2017")
 def coco_instances(
     root: str,
     split: str = "val2017",

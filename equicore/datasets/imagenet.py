@@ -111,7 +111,7 @@ class ImageNetFolder(SampleDataset):
         return self._opts
 
 
-@DATASETS.register("imagenet", task="classification", modules=_MODULES)
+@DATASETS.register("imagenet", task="classification", modules=_MODULES, test_split="val")
 def imagenet(
     root: str,
     split: str = "val",

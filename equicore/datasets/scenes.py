@@ -10,6 +10,9 @@ on it at random scales and positions. Each item is tinted with a random colour a
 
 Train and test never share sources: train scenes use Fashion-MNIST's train split and the photos in
 ``BACKGROUNDS["train"]``; test scenes use Fashion-MNIST's test split and the other photos, ``BACKGROUNDS["test"]``.
+The validation split ``val`` (for ``equi tune``; 200 scenes by default) is built from the TRAIN-side sources only
+(Fashion-MNIST train items on the train photos), never the test ones, with its own scene generators (split "val" in
+the seed): new compositions the shipped models never saw as scenes, of items and photos they did see in training.
 
 Scene ``i`` of a split is drawn from its own generator seeded by ``derive_seed(seed, "fashion_scenes", split, i)``,
 so it is the same whichever other scenes are generated. Scenes are generated lazily, or read from a cache of
@@ -59,7 +62,13 @@ BACKGROUNDS: dict[str, tuple[str, ...]] = {
     "train": ("astronaut.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "grass.png", "brick.png"),
     "test": ("chelsea.png", "ihc.png", "gravel.png", "camera.png"),
 }
-DEFAULT_NUM_SCENES = {"train": 4000, "test": 500}
+# The Fashion-MNIST split and photo set each scene split draws from (val: the train side, see the module docstring).
+SOURCE_SPLIT = {"train": "train", "test": "test", "val": "train"}
+DEFAULT_NUM_SCENES = {"train": 4000, "test": 500, "val": 200}
+VAL_NOTE = (
+    "validation scenes from TRAIN-side sources (Fashion-MNIST train items on the train photos, seen by the shipped "
+    "models in training; new compositions): for tuning, not a test figure"
+)
 SKIMAGE_VERSION = "0.26.0"
 _CACHE_FILES = ("images.npy", "instances.npy", "labels.npy", "keep.npy", "sources.npy")
 
@@ -192,13 +201,16 @@ class FashionScenes(SampleDataset):
         self.name = "fashion_scenes" if task == "segmentation" else "fashion_scenes_instances"
         self.split = cfg.split
         self.ignore_index = IGNORE_INDEX if task == "segmentation" else None
-        self._pool_images, self._pool_labels, fm_root = load_fashion_mnist(fashion_root, cfg.split)
+        self.source_split = SOURCE_SPLIT[cfg.split]
+        if cfg.split == "val":
+            self.split_note = VAL_NOTE
+        self._pool_images, self._pool_labels, fm_root = load_fashion_mnist(fashion_root, self.source_split)
         self._bg_dir = background_dir(data_dir)
-        self._photos = _load_photos(str(self._bg_dir), BACKGROUNDS[cfg.split])
+        self._photos = _load_photos(str(self._bg_dir), BACKGROUNDS[self.source_split])
         self._sources = (
-            files_digest(idx_files(fm_root, cfg.split))
+            files_digest(idx_files(fm_root, self.source_split))
             + ":"
-            + files_digest([self._bg_dir / n for n in BACKGROUNDS[cfg.split]])
+            + files_digest([self._bg_dir / n for n in BACKGROUNDS[self.source_split]])
         )
         self._cache: dict[str, np.ndarray] | None = None
         if cache:
@@ -231,7 +243,7 @@ class FashionScenes(SampleDataset):
     def scene_items(self, index: int) -> list[tuple[str, int, int]]:
         """(Fashion-MNIST split, item index, class 0..9) of every item pasted into scene ``index``."""
         _, _, labels, _, sources = self.scene_arrays(index)
-        return [(self.split, int(s), int(lab) - 1) for lab, s in zip(labels, sources, strict=True)]
+        return [(self.source_split, int(s), int(lab) - 1) for lab, s in zip(labels, sources, strict=True)]
 
     def _load(self, index: int) -> Sample:
         image, inst, labels, keep, _ = self.scene_arrays(index)
@@ -310,8 +322,8 @@ def scene_config(
     min_area: int,
 ) -> SceneConfig:
     """Validate the options into a SceneConfig (item sizes default to 20-44 px at 96 px, scaled with the scene)."""
-    if split not in BACKGROUNDS:
-        raise DatasetError(f"fashion_scenes: unknown split {split!r} (expected 'train' or 'test')")
+    if split not in SOURCE_SPLIT:
+        raise DatasetError(f"fashion_scenes: unknown split {split!r} (expected 'train', 'test' or 'val')")
     h, w = as_hw(size, "fashion_scenes")
     n = DEFAULT_NUM_SCENES[split] if num_scenes is None else int(num_scenes)
     lo, hi = (int(v) for v in items)
@@ -336,7 +348,7 @@ def _build(task: str, **kw: Any) -> FashionScenes:
     return FashionScenes(scene_config(**kw), task, data_dir, fashion_root, cache)
 
 
-@DATASETS.register("fashion_scenes", task="segmentation", modules=_MODULES)
+@DATASETS.register("fashion_scenes", task="segmentation", modules=_MODULES, test_split="test", validation_split="val")
 def fashion_scenes(
     root: str | None = None,
     split: str = "train",
@@ -353,8 +365,9 @@ def fashion_scenes(
     """Semantic segmentation scenes, 3 x 96 x 96, 11 classes (0 = background), ignore_index 255 (unused here).
 
     ``root`` is the data cache (backgrounds/ and fashion_scenes/ caches; default ``$EQUI_DATA_DIR``);
-    ``num_scenes`` defaults to 4000 (train) / 500 (test); ``items`` = (min, max) items per scene; ``item_size`` =
-    (min, max) item side in pixels; ``fashion_root`` overrides the Fashion-MNIST folder.
+    ``split`` "train", "test" or "val" (train-side sources, for ``equi tune``);
+    ``num_scenes`` defaults to 4000 (train) / 500 (test) / 200 (val); ``items`` = (min, max) items per scene;
+    ``item_size`` = (min, max) item side in pixels; ``fashion_root`` overrides the Fashion-MNIST folder.
     """
     return _build(
         "segmentation",
@@ -372,7 +385,9 @@ def fashion_scenes(
     )
 
 
-@DATASETS.register("fashion_scenes_instances", task="instance", modules=_MODULES)
+@DATASETS.register(
+    "fashion_scenes_instances", task="instance", modules=_MODULES, test_split="test", validation_split="val"
+)
 def fashion_scenes_instances(
     root: str | None = None,
     split: str = "train",

@@ -129,7 +129,7 @@ class VOCSegmentation(SampleDataset):
         return Sample(self.sample_id(index), image_to_tensor(img), torch.from_numpy(label.astype(np.int64)))
 
 
-@DATASETS.register("voc", task="segmentation", modules=_MODULES)
+@DATASETS.register("voc", task="segmentation", modules=_MODULES, test_split="val")
 def voc(root: str, split: str = "val", size: int | tuple[int, int] = 480) -> VOCSegmentation:
     """VOC ``root`` (the VOC2012 folder); 21 classes, ignore 255, 3 x 480 x 480; ``split`` names the ImageSets list."""
     base = require_dir(root, "PASCAL VOC")

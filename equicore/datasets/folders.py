@@ -219,7 +219,11 @@ def _label_index(label: Any, names: list[str], where: str) -> int:
     raise DatasetError(f"{where}: label {label!r} is not one of the class names {names[:10]}")
 
 
-@DATASETS.register("image_folder", task="classification", modules=_MODULES)
+# Evaluated: the folder a config names as root (a held-out folder of yours is the validation set for `equi tune`).
+ROOT_SPLIT = "the folder given as root"
+
+
+@DATASETS.register("image_folder", task="classification", modules=_MODULES, test_split=ROOT_SPLIT)
 def image_folder(
     root: str,
     list_file: str | None = None,
@@ -304,7 +308,7 @@ class SegmentationFolderDataset(_FolderBase):
         return {**self._geo.options(), "ignore_index": self.ignore_index, "classes": list(self.class_names)}
 
 
-@DATASETS.register("segmentation_folder", task="segmentation", modules=_MODULES)
+@DATASETS.register("segmentation_folder", task="segmentation", modules=_MODULES, test_split=ROOT_SPLIT)
 def segmentation_folder(
     root: str,
     class_names: list[str] | None = None,

@@ -211,6 +211,11 @@ def test_shipped_configs_pass_the_path_checks(monkeypatch, tmp_path):
         if path.parent.name == "paper":  # absolute paths from the environment, as documented
             for var in PRESET_VARS:
                 monkeypatch.setenv(var, str(tmp_path / var.lower()))
+        if path.parent.name == "tune":  # a search: its run config (and every candidate's) has the same paths
+            from tasks.tune_config import load_tune_config
+
+            check_config_paths(load_tune_config(path).base_config)
+            continue
         check_config_paths(load_config(path))
 
 

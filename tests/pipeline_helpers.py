@@ -108,3 +108,15 @@ def kill_the_holder(
     thread = threading.Thread(target=kill, daemon=True)
     thread.start()
     return thread, killed
+
+
+def has_backgrounds() -> bool:
+    """The built-in scenes' background photos are prepared (scripts/prepare_data.py)."""
+    from equicore.datasets import scenes
+    from equicore.errors import DatasetError
+
+    try:
+        scenes.background_dir()
+    except DatasetError:
+        return False
+    return True

@@ -15,6 +15,7 @@ from equicore.datasets import builtin, fashion_mnist, mnist, scenes
 from equicore.datasets.base import Sample
 from equicore.errors import DatasetError, InvalidInputError
 from equicore.registry import DATASETS
+from tests.pipeline_helpers import has_backgrounds
 
 FIXTURES = Path(__file__).parent / "fixtures" / "datasets"
 HAS_FASHION = all(
@@ -27,16 +28,8 @@ needs_fashion = pytest.mark.skipif(
 )
 
 
-def _has_backgrounds() -> bool:
-    try:
-        scenes.background_dir()
-    except DatasetError:
-        return False
-    return True
-
-
 needs_scenes = pytest.mark.skipif(
-    not (HAS_FASHION and _has_backgrounds()),
+    not (HAS_FASHION and has_backgrounds()),
     reason="Fashion scenes need Fashion-MNIST and the scikit-image photos: run `python scripts/prepare_data.py`",
 )
 

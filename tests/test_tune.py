@@ -16,21 +16,13 @@ import pytest
 import yaml
 
 from equicore.datasets import fashion_mnist, mnist, scenes
-from equicore.errors import DatasetError
 from tasks.config import load_config
 from tasks.config_errors import ConfigError
 from tasks.tune_config import parse_tune_config
 from tasks.tune_front import choose, feasible, pareto_front, rank
+from tests.pipeline_helpers import has_backgrounds
 
 FM_DIR = fashion_mnist.FASHION_MNIST_DIR
-
-
-def _has_backgrounds() -> bool:
-    try:
-        scenes.background_dir()
-    except DatasetError:
-        return False
-    return True
 
 
 needs_fashion = pytest.mark.skipif(
@@ -39,7 +31,7 @@ needs_fashion = pytest.mark.skipif(
 )
 needs_scenes = pytest.mark.skipif(
     not all(f.is_file() for s in ("train", "test") for f in fashion_mnist.idx_files(FM_DIR, s))
-    or not _has_backgrounds(),
+    or not has_backgrounds(),
     reason="Fashion scenes need Fashion-MNIST and the scikit-image photos: run `python scripts/prepare_data.py`",
 )
 COMPARED = ("candidate", "label", "clean", "robust_screen", "robust_confirmed", "on_front", "feasible", "chosen")

@@ -71,7 +71,18 @@ def measure_passes(cfg: RunConfig) -> float:
     return 2.0 * (len(build_views(cfg.measure.views)) + 1)  # before and after the defense
 
 
+def entry_labels(cfg: RunConfig) -> tuple[list[str], list[str]]:
+    """Attack and defense labels as the report writes them: entries sharing a name are told apart by the parameters
+    that differ (``equivariance (eta=3)``)."""
+    from reports.tables import entry_parts, join_label
+
+    attacks = entry_parts([(a.name, a.params()) for a in cfg.attacks])
+    defenses = entry_parts([(d.name, d.params()) for d in cfg.defenses])
+    return [join_label(*p) for p in attacks], [join_label(*p) for p in defenses]
+
+
 def plan_rows(cfg: RunConfig, units: RunUnits, shard_sizes: list[int]) -> list[PlanRow]:
+    attack_label, defense_label = entry_labels(cfg)
     store = RunStore(cfg.results_dir, cfg.run_id())
     cache = AdversarialCache(cfg.cache_dir)
     rows: list[PlanRow] = []
@@ -80,13 +91,17 @@ def plan_rows(cfg: RunConfig, units: RunUnits, shard_sizes: list[int]) -> list[P
         done = [cache.has(spec.attack_key, s) for s in range(units.n_shards)]
         per_image = attack_passes(spec)
         todo = sum(n for n, d in zip(shard_sizes, done, strict=True) if not d)
-        rows.append(PlanRow(spec.label, sum(done), done.count(False), per_image, per_image * todo))
+        label = f"attack {attack_label[spec.attack_index]}"
+        if spec.target is not None:
+            label += f" against {defense_label[spec.target_index]}"
+        rows.append(PlanRow(label, sum(done), done.count(False), per_image, per_image * todo))
     for pair in units.pairs:
         pair_spec: UnitSpec = pair
         done = [store.shard_path(pair.attack_key, pair.defense_key, s).exists() for s in range(units.n_shards)]
         per_image = defense_passes(pair_spec.defense_spec) * pair_spec.eval_draws + measure
         todo = sum(n for n, d in zip(shard_sizes, done, strict=True) if not d)
-        rows.append(PlanRow(pair.label, sum(done), done.count(False), per_image, per_image * todo))
+        label = f"attack {attack_label[pair.attack_index]} / defense {defense_label[pair.defense_index]}"
+        rows.append(PlanRow(label, sum(done), done.count(False), per_image, per_image * todo))
     return rows
 
 

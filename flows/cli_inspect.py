@@ -29,6 +29,7 @@ def run_rows(results_dir: str) -> list[dict[str, Any]]:
     for store in RunStore.all_in(results_dir):
         st = store.status()
         units = st["units"]
+        first = next((f for u in units for f in u["failed"]), None)  # its error names the unit
         rows.append(
             {
                 "run_id": store.run_id,
@@ -37,6 +38,8 @@ def run_rows(results_dir: str) -> list[dict[str, Any]]:
                 "failed": sum(len(u["failed"]) for u in units),
                 "pending": sum(u["pending"] for u in units),
                 "updated_at": st["manifest"].get("updated_at"),
+                # why it failed, at a glance (`equi status RUN` lists every failed shard)
+                "first_error": f"shard {first['shard']}, {first['error']}" if first else None,
             }
         )
     return rows
@@ -60,6 +63,14 @@ def print_runs(console: Console, results_dir: str, as_json: bool) -> None:
     for r in rows:
         if r["status"] == "interrupted":
             console.print(f"interrupted: {r['run_id']}; `equi resume {r['run_id']}` finishes it", highlight=False)
+        if r["failed"] and r["first_error"]:
+            console.print(
+                f"failed: {r['run_id']}: {r['failed']} shard(s), first {r['first_error']}; `equi status {r['run_id']}` "
+                f"lists them, `equi resume {r['run_id']}` recomputes them once the cause is fixed",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
 
 
 def print_whole(console: Console, table: Table, rows: list[list[str]]) -> None:

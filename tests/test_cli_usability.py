@@ -206,3 +206,22 @@ def test_the_dataset_options_page_is_generated_from_the_code() -> None:
     assert done.returncode == 0, done.stderr
     page = (REPO / "docs" / "DATASETS.md").read_text()
     assert "`class_index`" in page and "imagenet_class_index.json" in page
+
+
+def test_status_lists_why_a_run_failed(tmp_path: Path, monkeypatch) -> None:
+    from flows import pipeline
+    from tasks.config import parse_config
+
+    monkeypatch.setenv("EQUI_FAULTS", "defend:1:always")
+    (tmp_path / "faults").mkdir()
+    monkeypatch.setenv("EQUI_FAULTS_DIR", str(tmp_path / "faults"))
+    data = tiny_config(tmp_path, cluster={"in_process": True, "torch_threads": 1}, retries=0)
+    data["dataset"]["limit"] = 10
+    data["defenses"] = [{"name": "vanilla"}]
+    cfg = parse_config(data)
+    assert len(pipeline.run(cfg).failed) == 2  # shard 1 of clean and of pgd
+    result = runner.invoke(app, ["status", "-r", cfg.results_dir])
+    run_id = cfg.run_id()
+    line = next(line for line in result.output.splitlines() if line.startswith("failed: "))
+    assert line.startswith(f"failed: {run_id}: 2 shard(s), first ") and "InjectedFault" in line
+    assert f"`equi resume {run_id}`" in line

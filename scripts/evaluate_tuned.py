@@ -1,7 +1,7 @@
 """The test evaluation of a finished `equi tune` search: the base config's vanilla, the paper's setting (the
 search's baseline, as written in the tune config) and the tuned setting, in ONE run on the test split.
 
-    python scripts/evaluate_tuned.py configs/tune/fashion_equivariance.yaml   # writes RESULTS/tune/<name>/<name>-test.yaml
+    python scripts/evaluate_tuned.py configs/tune/fashion_equivariance.yaml  # RESULTS/tune/<name>/<name>-test.yaml
     equi run .equi/results/tune/<name>/<name>-test.yaml
 
 The tuned entry is read from the preset `equi tune` wrote; nothing is chosen here (the choice was made on the

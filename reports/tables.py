@@ -155,10 +155,14 @@ def label_rows(rows: Sequence[Mapping[str, Any]], index: RunIndex | None = None)
     rec_d = list(dict.fromkeys((r["defense"], r["defense_params"] or "") for r in rows))
     rec_a_parts = dict(zip(rec_a, entry_parts([(n, _params(p)) for n, p in rec_a]), strict=True))
     rec_d_parts = dict(zip(rec_d, entry_parts([(n, _params(p)) for n, p in rec_d]), strict=True))
+    # A defense's entry by its key alone: rows with no config attack (the per-image worst case) still belong to it.
+    defense_of = {dk: di for (_, dk), (_, di) in index.unit_of.items()} if index else {}
     out = []
     for r in rows:
         a_key = str(r.get("attack_key") or "").split("+")[0]
         ai, di = index.unit_of.get((a_key, str(r.get("defense_key") or "")), (-1, -1)) if index else (-1, -1)
+        if di < 0:
+            di = defense_of.get(str(r.get("defense_key") or ""), -1)
         if WORST in r["attack"]:
             a_label = _worst_label(r["attack"], _params(r["attack_params"]))
             ai = -1

@@ -62,15 +62,20 @@ def __getattr__(name: str) -> Any:
         "transforms": TRANSFORMS,
         "views": VIEW_SETS,
     }
-    plain = ("views", "adapters", "objectives", "schedules")
-    values = {kind.upper(): r for kind, r in registries.items() if kind not in plain}
-    values.update(
-        ADAPTERS=ADAPTERS,
-        OBJECTIVES=OBJECTIVES,
-        STEP_SCHEDULES=STEP_SCHEDULES,
-        VIEW_SETS=VIEW_SETS,
-        REGISTRIES=registries,
-    )
+    values = {
+        "ADAPTERS": ADAPTERS,
+        "ATTACKS": ATTACKS,
+        "DATASETS": DATASETS,
+        "DEFENSES": DEFENSES,
+        "LOSSES": LOSSES,
+        "METRICS": METRICS,
+        "MODELS": MODELS,
+        "OBJECTIVES": OBJECTIVES,
+        "REGISTRIES": registries,
+        "STEP_SCHEDULES": STEP_SCHEDULES,
+        "TRANSFORMS": TRANSFORMS,
+        "VIEW_SETS": VIEW_SETS,
+    }
     globals().update(values)
     return values[name]
 

@@ -8,7 +8,6 @@ registering an entry, rewrite it with ``python -m equicore.catalogue --write``.
 from __future__ import annotations
 
 import argparse
-import difflib
 import functools
 import json
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from equicore.errors import UnknownNameError
+from equicore.registry import unknown_name_message
 
 CATALOGUE_PATH = Path(__file__).with_name("catalogue.json")
 _SCALARS = (str, int, float, bool)
@@ -62,10 +62,7 @@ def check_name(plural: str, name: object) -> str:
     known = names(plural)
     if isinstance(name, str) and name in known:
         return name
-    kind = read()[plural]["kind"]
-    close = difflib.get_close_matches(str(name), known, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise UnknownNameError(f"unknown {kind} {name!r}{hint} (known: {', '.join(known) or 'none'})")
+    raise UnknownNameError(unknown_name_message(read()[plural]["kind"], name, known))
 
 
 def render(catalogue: dict[str, Any]) -> str:

@@ -207,9 +207,14 @@ class Registry(Generic[T]):
 
     def unknown_message(self, name: object) -> str:
         """ "unknown <kind> 'x'; did you mean 'y'? (known: ...)": for lookups that raise their own error type."""
-        close = difflib.get_close_matches(str(name), self._loaded, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        return f"unknown {self.kind} {name!r}{hint} (known: {', '.join(self.names()) or 'none'})"
+        return unknown_name_message(self.kind, name, self.names())
+
+
+def unknown_name_message(kind: str, name: object, known: Sequence[str]) -> str:
+    """ "unknown <kind> 'x'; did you mean 'y'? (known: ...)" over the sorted ``known`` names."""
+    close = difflib.get_close_matches(str(name), known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown {kind} {name!r}{hint} (known: {', '.join(known) or 'none'})"
 
 
 _BUILTINS: dict[str, Any] = {"loaded": False, "loader": None}

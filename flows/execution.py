@@ -70,15 +70,20 @@ def execute_in_process(rt: Runtime, store: RunStore, plan: WorkPlan, on_done: On
 
 
 # ------------------------------------------------------------------------------------------------- Prefect + Dask
+def configured_api_url() -> str | None:
+    """The Prefect server the user points at (environment or active profile), or None for a temporary API."""
+    from prefect.settings import get_current_settings
+
+    return os.environ.get("PREFECT_API_URL") or get_current_settings().api.url
+
+
 @contextlib.contextmanager
 def prefect_api() -> Iterator[None]:
     """One temporary Prefect API for the flow and all Dask workers (unless the user points at a server).
 
     Without this, every worker process would start its own ephemeral server on the same SQLite file.
     """
-    from prefect.settings import get_current_settings
-
-    if os.environ.get("PREFECT_API_URL") or get_current_settings().api.url:  # a server the user runs (with the UI)
+    if configured_api_url():  # a server the user runs (with the UI)
         yield
         return
     from prefect.server.api.server import SubprocessASGIServer
@@ -242,11 +247,9 @@ def execute_with_prefect(rt: Runtime, store: RunStore, plan: WorkPlan, on_done: 
 
 def announce_startup(cfg: RunConfig, n_workers: int) -> None:
     """Name the start-up phases of a Prefect + Dask run, and the links to its dashboards when they are on."""
-    from prefect.settings import get_current_settings
-
     from flows.progress import phase
 
-    api = os.environ.get("PREFECT_API_URL") or get_current_settings().api.url
+    api = configured_api_url()
     if api:
         phase(f"using the Prefect server at {api} (UI: {api.removesuffix('/api')})")
     else:

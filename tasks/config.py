@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from equicore.errors import EquirobustError
 from equicore.registry import ATTACKS, DATASETS, DEFENSES, LOSSES, MODELS
@@ -34,7 +34,7 @@ from tasks.config_checks import (
 )
 from tasks.config_errors import ConfigError
 from tasks.config_model import USER_MODEL_FIELDS, ModelConfig
-from tasks.config_static import checked, known, static_pass, static_pass_on
+from tasks.config_static import StrictModel, checked, known, static_pass, static_pass_on
 from tasks.config_yaml import read_config_file
 from tasks.user_code import check_factory_found, resolve_plugins
 
@@ -64,11 +64,6 @@ def _built(build: Callable[[], Any], name: str, hints: dict[str, Any], params: d
     checked(lambda p: check_param_types(name, hints, p), params)
 
 
-class _Strict(BaseModel):
-    # strict: no bool as a number, no "8" as a number, no "yes" as a boolean; allow_inf_nan: every float is finite
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
-
-
 def _hints(registry: Any, name: str, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Declared types of the parameters of registered factory ``name`` (none for an unknown name, or in the static
     pass)."""
@@ -77,7 +72,7 @@ def _hints(registry: Any, name: str, skip: frozenset[str] = frozenset()) -> dict
     return {k: v for k, v in factory_hints(registry.get(name)).items() if k not in skip}
 
 
-class DatasetConfig(_Strict):
+class DatasetConfig(StrictModel):
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
     limit: int | None = Field(default=None, ge=1, description="evaluate the first N samples")
@@ -104,7 +99,7 @@ class DatasetConfig(_Strict):
         return self
 
 
-class AttackConfig(_Strict):
+class AttackConfig(StrictModel):
     model_config = ConfigDict(extra="allow", frozen=True)  # attack parameters, checked by building the attack
     name: str
 
@@ -149,7 +144,7 @@ class AttackConfig(_Strict):
         return canonical({"name": self.name, **{k: v for k, v in self.params().items() if k != "lambda_e"}})
 
 
-class DefenseConfig(_Strict):
+class DefenseConfig(StrictModel):
     model_config = ConfigDict(extra="allow", frozen=True)
     name: str
     eval_draws: int | None = Field(
@@ -185,7 +180,7 @@ class DefenseConfig(_Strict):
         return dict(self.model_extra or {})
 
 
-class MeasureConfig(_Strict):
+class MeasureConfig(StrictModel):
     """The equivariance score recorded per sample before and after defense (Table 4)."""
 
     enabled: bool = True
@@ -207,7 +202,7 @@ ReportLayout = Literal["attack_x_defense", "eps_v_sweep", "k_sweep", "ablation",
 REPORT_LAYOUTS: tuple[str, ...] = get_args(ReportLayout)
 
 
-class ReportConfig(_Strict):
+class ReportConfig(StrictModel):
     """How ``equi report`` presents the run. Not part of the run id: retitling a run never recomputes it."""
 
     experiment: str | None = Field(
@@ -226,7 +221,7 @@ class ReportConfig(_Strict):
     )
 
 
-class ClusterConfig(_Strict):
+class ClusterConfig(StrictModel):
     """Where a run executes. ``address`` and a non-loopback ``host`` come only from the command line (``--cluster``,
     ``--listen``): a config file naming them is refused (:func:`tasks.config_checks.refuse_network_fields`)."""
 
@@ -323,7 +318,7 @@ def standard_suite(task: str | None, eps: float, norm: str, adaptive: bool) -> l
     return [{"name": CLEAN}, *attacks]
 
 
-class SuiteConfig(_Strict):
+class SuiteConfig(StrictModel):
     name: Literal["standard"]
     eps: float = Field(gt=0, le=255, description="budget in /255 units")
     norm: Literal["linf", "l2"] = "linf"
@@ -362,7 +357,7 @@ def expand_suite(data: Any) -> Any:
     }
 
 
-class RunConfig(_Strict):
+class RunConfig(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     dataset: DatasetConfig
     model: ModelConfig

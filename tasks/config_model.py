@@ -15,12 +15,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from equicore.registry import MODELS
 from tasks.config_checks import check_param_types, factory_hints
 from tasks.config_errors import ConfigError
-from tasks.config_static import checked, known, static_pass_on
+from tasks.config_static import StrictModel, checked, known, static_pass_on
 from tasks.user_code import check_factory_string
 
 ModelTask = Literal["classification", "segmentation", "instance"]
@@ -28,11 +28,7 @@ ModelTask = Literal["classification", "segmentation", "instance"]
 USER_MODEL_FIELDS = ("factory", "file", "task", "num_classes", "normalize")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
-
-
-class NormalizeConfig(_Strict):
+class NormalizeConfig(StrictModel):
     """``(x - mean) / std`` per channel in front of the model (images are in [0, 1])."""
 
     mean: list[float] = Field(min_length=1, max_length=4)
@@ -47,7 +43,7 @@ class NormalizeConfig(_Strict):
         return self
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     name: str | None = Field(default=None, description="a built-in model (equi list models)")
     factory: str | None = Field(default=None, description="'module:function' in your own module (runs your code)")
     file: str | None = Field(default=None, description="a torch.export program (.pt2) or TorchScript archive")

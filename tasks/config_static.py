@@ -12,7 +12,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 from equicore.errors import EquirobustError
+
+
+class StrictModel(BaseModel):
+    """The base of every config section: no unknown keys; strict types (no bool as a number, no "8" as a number, no
+    "yes" as a boolean); every float finite."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
 
 _STATIC_PASS: contextvars.ContextVar[bool] = contextvars.ContextVar("static_pass", default=False)
 

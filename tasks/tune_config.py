@@ -29,12 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from equicore.errors import EquirobustError
 from equicore.registry import DATASETS
 from tasks.config import CLEAN, RunConfig, _format_validation_error, canonical, parse_config
 from tasks.config_errors import ConfigError
+from tasks.config_static import StrictModel
 
 # The options of the optimising defenses a search may vary (README, "Optimiser options of the optimising defenses").
 TUNABLE = (
@@ -58,16 +59,12 @@ MAX_CANDIDATES = 64
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
-
-
-class ValidationSplit(_Strict):
+class ValidationSplit(StrictModel):
     split: str | None = Field(default=None, description="default: the dataset's declared validation split")
     limit: int | None = Field(default=32, ge=1, description="the first N validation images (null: all)")
 
 
-class SearchConfig(_Strict):
+class SearchConfig(StrictModel):
     defense: int = Field(ge=0, description="index into defenses: the optimising defense to tune")
     space: dict[str, Any] = Field(description="option -> list of values; the grid is their product")
     validation: ValidationSplit = Field(default_factory=ValidationSplit)

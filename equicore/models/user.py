@@ -41,7 +41,6 @@ from equicore.models.checkpoint import load_into
 from equicore.models.common import Normalize
 from equicore.registry import accepted_params
 
-MODEL_FILE_KINDS = ("export", "torchscript")
 _IMPORTED: dict[str, tuple[str, str]] = {}  # module name -> (file, sha256 of its bytes when imported)
 
 
@@ -247,10 +246,6 @@ def load_model_file(path: str | os.PathLike[str]) -> tuple[nn.Module, str]:
         what = "torch.export program" if kind == "export" else "TorchScript archive"
         raise CheckpointError(f"model file {p}: cannot load the {what} ({_first_line(exc)[:300]})") from None
     return model.eval(), kind
-
-
-def is_torchscript(model: nn.Module) -> bool:
-    return isinstance(model, torch.jit.ScriptModule)
 
 
 # ------------------------------------------------------------------------------------------------ wrappers

@@ -66,7 +66,7 @@ def run(
     if cfg.cluster.address:
         phase(f"connecting to the Dask scheduler at {cfg.cluster.address}")
     check_cluster(cfg)  # a scheduler that does not answer fails here, in one line, not after the manifest is written
-    phase(f"loading dataset {cfg.dataset.name} and model {cfg.model.name}")
+    phase(f"loading dataset {cfg.dataset.name} and model {cfg.model.label}")
     rt = build_runtime(cfg)
     phase(f"checking that the {len(rt.indices)} selected images decode")
     check_samples(rt.dataset, rt.indices)  # every selected image decodes: a bad file is named now, not mid-run

@@ -34,6 +34,31 @@ def check_finite(t: torch.Tensor, name: str) -> torch.Tensor:
     return t
 
 
+class FiniteGuard:
+    """``check_finite`` for a loop's tensors without a host sync per step on an accelerator.
+
+    On the CPU a tensor is checked when it is watched (free: no device to wait for). Elsewhere reading the flag would
+    stall the device every step, so the flags are AND-ed on the device and read once by :meth:`check`; a non-finite
+    value only propagates (NaN stays NaN through sign, clamp and the model) until then, and the error is the same.
+    """
+
+    def __init__(self, name: str, *, defer: bool | None = None) -> None:
+        self.name = name
+        self.defer = defer  # None: by the watched tensor's device
+        self._all_finite: torch.Tensor | None = None
+
+    def watch(self, t: torch.Tensor) -> torch.Tensor:
+        if not (self.defer if self.defer is not None else t.device.type != "cpu"):
+            return check_finite(t, self.name)
+        flag = torch.isfinite(t).all()
+        self._all_finite = flag if self._all_finite is None else self._all_finite & flag
+        return t
+
+    def check(self) -> None:
+        if self._all_finite is not None and not bool(self._all_finite):
+            raise InvalidInputError(f"{self.name}: contains NaN or Inf")
+
+
 def check_eps(value: float, name: str = "eps", *, allow_zero: bool = True, upper: float = 255.0) -> float:
     """A perturbation budget in /255 units: finite, non-negative, at most ``upper``."""
     try:

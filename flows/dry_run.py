@@ -64,11 +64,12 @@ def attack_passes(spec: AttackSpec) -> float:
 
 
 def measure_passes(cfg: RunConfig) -> float:
+    """Passes of one equivariance measure of one image (the image and each of its views)."""
     if not cfg.measure.enabled:
         return 0.0
     from equicore.transforms import build_views
 
-    return 2.0 * (len(build_views(cfg.measure.views)) + 1)  # before and after the defense
+    return float(len(build_views(cfg.measure.views)) + 1)
 
 
 def entry_labels(cfg: RunConfig) -> tuple[list[str], list[str]]:
@@ -87,6 +88,7 @@ def plan_rows(cfg: RunConfig, units: RunUnits, shard_sizes: list[int]) -> list[P
     cache = AdversarialCache(cfg.cache_dir)
     rows: list[PlanRow] = []
     measure = measure_passes(cfg)
+    measured = set()  # measure keys whose "before" scores an earlier pair computes (shared, storage.measure_cache)
     for spec in units.images:
         done = [cache.has(spec.attack_key, s) for s in range(units.n_shards)]
         per_image = attack_passes(spec)
@@ -98,7 +100,11 @@ def plan_rows(cfg: RunConfig, units: RunUnits, shard_sizes: list[int]) -> list[P
     for pair in units.pairs:
         pair_spec: UnitSpec = pair
         done = [store.shard_path(pair.attack_key, pair.defense_key, s).exists() for s in range(units.n_shards)]
-        per_image = defense_passes(pair_spec.defense_spec) * pair_spec.eval_draws + measure
+        # "after" unless the defense returns its input (vanilla reuses "before"); "before" once per input images
+        before = measure if pair.measure_key is not None and pair.measure_key not in measured else 0.0
+        measured.add(pair.measure_key)
+        after = 0.0 if pair.defense.name == "vanilla" else measure
+        per_image = defense_passes(pair_spec.defense_spec) * pair_spec.eval_draws + before + after
         todo = sum(n for n, d in zip(shard_sizes, done, strict=True) if not d)
         label = f"attack {attack_label[pair.attack_index]} / defense {defense_label[pair.defense_index]}"
         rows.append(PlanRow(label, sum(done), done.count(False), per_image, per_image * todo))

@@ -55,6 +55,11 @@ def attack_code(rt: Runtime, attack: AttackConfig, target: DefenseConfig | None 
     return code
 
 
+def measure_code() -> str:
+    """Version of the equivariance measure (its module digests): part of every key a measured score is stored under."""
+    return code_version("1", MEASURE_MODULES)
+
+
 def defense_code(rt: Runtime, defense: DefenseConfig) -> dict[str, str]:
     """Components a unit's scores depend on besides its images: the defense, the measure and the metrics."""
     metrics = (TASK_METRICS[rt.task], *EXTRA_METRICS.get(rt.task, ()), "equivariance_score")
@@ -62,6 +67,6 @@ def defense_code(rt: Runtime, defense: DefenseConfig) -> dict[str, str]:
         "step": STEP_VERSIONS["defend"],
         **model_code(rt),
         "defense": DEFENSES.code_version(defense.name),
-        "measure": code_version("1", MEASURE_MODULES),
+        "measure": measure_code(),
         **{f"metric:{name}": METRICS.code_version(name) for name in metrics},
     }

@@ -28,6 +28,7 @@ from equicore.validation import check_images
 from storage.cache import AdversarialCache
 from storage.errors import CacheCorruptError
 from storage.keys import canonical_json
+from storage.measure_cache import MeasureCache
 from storage.run_store import RunStore
 from tasks.config import CLEAN, TASK_METRICS, AttackConfig
 from tasks.examples import ExampleMaker, example_slots
@@ -199,6 +200,11 @@ def defend_shard(rt: Runtime, cache: AdversarialCache, store: RunStore, unit: De
     rows: list[dict[str, Any]] = []
     slots = example_slots(shard, rt.cfg.shard_size, rt.cfg.report.examples, len(data.ids))
     restored: list[torch.Tensor] = []  # defended images (draw 0), kept only when this shard holds examples
+    # The input's equivariance scores are the same for every defense reading these images: measured by the first
+    # unit of the shard, read by the others (tasks.units.measure_key).
+    measures = MeasureCache.beside(cache.root)
+    shared_before = measures.read(pair.measure_key, shard, data.ids) if pair.measure_key else None
+    measured_before: list[float] = []
     for sl in _batches(len(data.ids), rt.cfg.batch_size):
         x, y = x_in[sl], data.labels[sl]
         targets = None
@@ -221,7 +227,11 @@ def defend_shard(rt: Runtime, cache: AdversarialCache, store: RunStore, unit: De
         n_batch = len(batch["preds"])
         before = after = [math.nan] * n_batch
         if rt.cfg.measure.enabled:
-            b = _equivariance(rt, x)
+            if shared_before is not None:
+                b = torch.tensor(shared_before[sl], dtype=torch.float64)
+            else:
+                b = _equivariance(rt, x)
+                measured_before += b.tolist()
             # A defense that left its input unchanged (vanilla; eps_v 0) scores exactly its input: reuse the measure.
             a = b if torch.equal(x_def, x) else _equivariance(rt, x_def)
             equi_before.update({"scores": b})
@@ -280,6 +290,8 @@ def defend_shard(rt: Runtime, cache: AdversarialCache, store: RunStore, unit: De
     if slots:  # before the sample file: that file marks the shard done
         record_examples(rt, store, data, x_in, torch.cat(restored), slots, record)
     maybe_fail("defend-computed", shard)
+    if pair.measure_key and shared_before is None:
+        measures.write(pair.measure_key, shard, data.ids, measured_before)
     store.write_shard(record, rows, state)
     return {"status": "computed", "shard": shard, "seconds": seconds}
 

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 from equicore.attacks import build_attack
 from equicore.defenses import build_defense
 from storage.keys import canonical_json, content_key
-from tasks.code_identity import attack_code, defense_code
+from tasks.code_identity import attack_code, defense_code, measure_code, model_code
 from tasks.config import CLEAN, AttackConfig, DefenseConfig
 from tasks.runtime import Runtime, plan_shards
 
@@ -74,6 +74,16 @@ def defense_identity(rt: Runtime, defense_params: dict[str, Any], draws: int) ->
     return ident
 
 
+def measure_key(rt: Runtime, images_key: str) -> str | None:
+    """The key of the equivariance scores of one set of input images (``storage.measure_cache``), shared by every
+    defense that reads those images; None when the run does not measure. ``images_key`` is the images' cache key, or
+    for the clean images the key the clean pseudo-attack's identity hashes to (dataset, selection, model)."""
+    if not rt.cfg.measure.enabled:
+        return None
+    ident = {"images": images_key, "measure": rt.cfg.measure.model_dump(), "batch_size": rt.cfg.batch_size}
+    return content_key(ident, canonical_json({"measure": measure_code(), **model_code(rt)}))
+
+
 def unit_key(attack_k: str, defense_k: str | None = None) -> str:
     return f"{attack_k}.{defense_k}" if defense_k else attack_k
 
@@ -119,6 +129,7 @@ class UnitSpec:
     defense_params: dict[str, Any] = field(compare=False, repr=False)  # defense_spec.params(), computed once
     eval_draws: int = field(compare=False, repr=False)  # independent draws of the defense's randomness per image
     images: AttackSpec | None = field(compare=False, repr=False)  # None for the clean pseudo-attack
+    measure_key: str | None = field(default=None, compare=False, repr=False)  # shared "before" scores (None: off)
 
     @property
     def unit_key(self) -> str:
@@ -234,6 +245,8 @@ def plan_units(rt: Runtime) -> RunUnits:
         if attack.name != CLEAN and not aware:
             shared = _attack_spec(rt, ai)
             images.append(shared)
+        # The clean images' identity (dataset, selection, model) keys their shared measure; they are not cached.
+        clean_key = _attack_spec(rt, ai).attack_key if attack.name == CLEAN else None
         for di, defense in enumerate(cfg.defenses):
             spec = resolved_defense(rt, attack, defense)
             params = spec.params()
@@ -254,6 +267,7 @@ def plan_units(rt: Runtime) -> RunUnits:
                     defense_params=params,
                     eval_draws=draws,
                     images=source,
+                    measure_key=measure_key(rt, source.attack_key if source is not None else clean_key),
                 )
             )
     reference = tuple(resolved_defense(rt, CLEAN_ATTACK, d) for d in cfg.defenses)

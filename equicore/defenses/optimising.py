@@ -28,7 +28,7 @@ from equicore.defenses.budget import check_budget, require_eps_v, resolve_eps_v
 from equicore.defenses.schedules import DEFAULT_SCHEDULE, StepSchedule, build_schedule, schedule_spec
 from equicore.errors import InvalidInputError
 from equicore.seeding import as_seed_list, per_sample_draw
-from equicore.validation import check_finite, check_images, check_positive_int
+from equicore.validation import FiniteGuard, check_finite, check_images, check_positive_int
 
 STEP_RULES = ("sign", "normalized", "adam")
 # How iterates are compared for early stopping and best-iterate return (see ``optimize_objective``).
@@ -169,6 +169,7 @@ def optimize_objective(
         return tuple(e[keep] for e in extra)
 
     completed = True
+    finite = FiniteGuard("defense gradient")
     for t in range(steps):
         if fixed_pass and t > 0:
             with torch.no_grad():
@@ -180,7 +181,7 @@ def optimize_objective(
         score = score_fn(xa, t)
         (grad,) = torch.autograd.grad(score.sum(), xa)
         xa = xa.detach()
-        check_finite(grad, "defense gradient")
+        finite.watch(grad)
         if tracker is not None and not (fixed_pass and t > 0):
             (grad,) = narrow(tracker.observe(score, xa, active), grad)
             if active.numel() == 0:
@@ -206,6 +207,7 @@ def optimize_objective(
         xa = xa + step_eta * update
         xa = torch.min(torch.max(xa, x0a - eps_v), x0a + eps_v).clamp(0, 1)
         xp = xa if xa.shape[0] == xp.shape[0] else xp.index_copy(0, active, xa)
+    finite.check()
     if tracker is None:
         return xp.detach()
     if completed:  # the last iterate, under the objective the others were compared by

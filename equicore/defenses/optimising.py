@@ -154,15 +154,18 @@ def optimize_objective(
     tracker = _BestIterate(xp, patience, min_delta) if patience is not None or keep_best else None
     fixed_pass = tracker is not None and best_by == "fixed" and objective_varies
     active = torch.arange(x.shape[0], device=x.device)  # the samples still optimising
-    x0a, xa, seeds_a = x0, xp, list(seeds)
+    # The projection's bounds, once: clamping into [max(x0 - eps, 0), min(x0 + eps, 1)] is exactly the eps-ball
+    # projection followed by the [0, 1] clamp (comparisons only; x0 lies in [0, 1]).
+    lo_a, hi_a = (x0 - eps_v).clamp(min=0), (x0 + eps_v).clamp(max=1)
+    xa, seeds_a = xp, list(seeds)
     moments: tuple[torch.Tensor, torch.Tensor] | None = None  # Adam's (m, v) of the active samples
 
     def narrow(go: torch.Tensor, *extra: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        nonlocal active, x0a, xa, seeds_a, moments
+        nonlocal active, lo_a, hi_a, xa, seeds_a, moments
         if bool(go.all()):
             return extra
         keep = go.nonzero().flatten()
-        active, x0a, xa = active[keep], x0a[keep], xa[keep]
+        active, lo_a, hi_a, xa = active[keep], lo_a[keep], hi_a[keep], xa[keep]
         seeds_a = [seeds_a[i] for i in keep.tolist()]
         if moments is not None:
             moments = (moments[0][keep], moments[1][keep])
@@ -205,7 +208,7 @@ def optimize_objective(
         else:
             update, moments = _adam_update(direction, moments, t + 1)
         xa = xa + step_eta * update
-        xa = torch.min(torch.max(xa, x0a - eps_v), x0a + eps_v).clamp(0, 1)
+        xa = torch.clamp(xa, lo_a, hi_a)
         xp = xa if xa.shape[0] == xp.shape[0] else xp.index_copy(0, active, xa)
     finite.check()
     if tracker is None:

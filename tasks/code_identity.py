@@ -17,10 +17,14 @@ from equicore.attacks import attack_code_version, build_attack
 from equicore.code_identity import code_version
 from equicore.registry import DATASETS, DEFENSES, METRICS, MODELS
 from tasks.config import CLEAN, TASK_METRICS, AttackConfig, DefenseConfig
+from tasks.config_model import DEFAULT_GRAPH
 from tasks.runtime import Runtime
 from tasks.user_code import user_model_code_version
 
 STEP_VERSIONS = {"attack": "1", "defend": "1"}
+# ``model.graph: optimized``: the module that rewrites the model (BatchNorm folding, NHWC).
+GRAPH_VERSION = "1"
+GRAPH_MODULES = ("equicore.models.inference_graph",)
 # The equivariance score reported before and after a defense (``measure:`` in a config) and its view draws.
 MEASURE_MODULES = (
     "equicore.equivariance",
@@ -38,11 +42,14 @@ def model_code(rt: Runtime) -> dict[str, str]:
     """The model, its task adapter and the dataset loader: what turns a config into images and predictions."""
     m = rt.cfg.model
     model = MODELS.code_version(m.name) if m.name else user_model_code_version(m.factory, m.file, rt.cfg.plugins)
-    return {
+    code = {
         "model": model,
         "adapter": ADAPTERS.code_version(rt.task),
         "dataset": DATASETS.code_version(rt.cfg.dataset.name),
     }
+    if m.graph != DEFAULT_GRAPH:  # the optimised graph's code; absent for plain, so plain keys stay as they were
+        code["graph"] = code_version(GRAPH_VERSION, GRAPH_MODULES)
+    return code
 
 
 def attack_code(rt: Runtime, attack: AttackConfig, target: DefenseConfig | None = None) -> dict[str, str]:

@@ -33,7 +33,7 @@ from tasks.config_checks import (
     shown,
 )
 from tasks.config_errors import ConfigError
-from tasks.config_model import USER_MODEL_FIELDS, ModelConfig
+from tasks.config_model import DEFAULT_GRAPH, USER_MODEL_FIELDS, ModelConfig
 from tasks.config_static import StrictModel, checked, known, static_pass, static_pass_on
 from tasks.config_yaml import read_config_file
 from tasks.user_code import check_factory_found, resolve_plugins
@@ -482,6 +482,8 @@ class RunConfig(StrictModel):
         for key in ("name", *USER_MODEL_FIELDS):  # unset: the identity of configs written before user models
             if d["model"].get(key) is None:
                 d["model"].pop(key, None)
+        if d["model"].get("graph") == DEFAULT_GRAPH:  # the identity of configs written before model.graph
+            d["model"].pop("graph")
         for defense in d["defenses"]:  # unset: the identity of configs written before eval_draws existed
             if defense.get("eval_draws") is None:
                 defense.pop("eval_draws", None)

@@ -6,6 +6,12 @@ Factory and file models declare their ``task`` (the built-in ones are registered
 ``num_classes`` (checked against the dataset and the model's output before anything runs) and a ``normalize`` of
 the input when they expect normalised images. ``feature_layer`` may be given here or under ``adapter``.
 
+``graph: optimized`` runs attacks and defenses on an inference-optimised copy of a built-in or factory model
+(BatchNorm folded into the convolutions, NHWC weights: :mod:`equicore.models.inference_graph`). The model's
+outputs change by float rounding only, but sign-gradient attacks and defenses amplify rounding, so it is part of the
+run id and of every cache key: plain and optimized results are never mixed. ``plain`` (the default) leaves the
+identities of configs written before the field unchanged.
+
 Validation never imports the factory's module: that happens when the run builds its model (in this process and on
 every worker), where a module that does not import is one line naming the file.
 """
@@ -26,6 +32,9 @@ from tasks.user_code import check_factory_string
 ModelTask = Literal["classification", "segmentation", "instance"]
 # Fields a built-in model's config never had: left out of the run id when unset, so existing run ids stay.
 USER_MODEL_FIELDS = ("factory", "file", "task", "num_classes", "normalize")
+ModelGraph = Literal["plain", "optimized"]
+GRAPHS: tuple[str, ...] = ("plain", "optimized")
+DEFAULT_GRAPH = "plain"  # left out of the run id and the cache keys, so configs written before the field keep theirs
 
 
 class NormalizeConfig(StrictModel):
@@ -53,6 +62,9 @@ class ModelConfig(StrictModel):
     params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the model's factory")
     adapter: dict[str, Any] = Field(default_factory=dict, description="task adapter options, e.g. feature_layer")
     normalize: NormalizeConfig | None = Field(default=None, description="input normalisation of a user model")
+    graph: ModelGraph = Field(
+        default=DEFAULT_GRAPH, description="plain, or optimized: BatchNorm folded, NHWC (built-in and factory models)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -66,6 +78,13 @@ class ModelConfig(StrictModel):
         rest = {k: v for k, v in data.items() if k != "feature_layer"}
         options = adapter if isinstance(adapter, dict) else {}
         return {**rest, "adapter": {**options, "feature_layer": data["feature_layer"]}}
+
+    @field_validator("graph", mode="before")
+    @classmethod
+    def _graph(cls, v: Any) -> Any:
+        if v not in GRAPHS:
+            raise ConfigError(f"expected one of {', '.join(GRAPHS)}, got {v!r}")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -112,6 +131,11 @@ class ModelConfig(StrictModel):
                 raise ConfigError("params: a model file takes no parameters; params are a factory's arguments")
             if self.task == "instance":
                 raise ConfigError("task: model files are classification or segmentation models")
+            if self.graph != DEFAULT_GRAPH:
+                raise ConfigError(
+                    f"graph: {self.graph} is for built-in and factory models; a model file runs as it was exported "
+                    "(fold BatchNorm before exporting it, or use graph: plain)"
+                )
         return self
 
     @property
@@ -134,8 +158,11 @@ class ModelConfig(StrictModel):
         return MODELS.meta(self.name).get("task")
 
     def identity(self) -> dict[str, Any]:
-        """The user-model fields that change what the model computes (none for a built-in model)."""
+        """The fields that change what the model computes besides its name, weights, params and adapter: a user
+        model's factory or file, task and normalisation; the graph when not plain (none for a plain built-in)."""
         out: dict[str, Any] = {}
+        if self.graph != DEFAULT_GRAPH:
+            out["graph"] = self.graph
         for key in ("factory", "file", "task"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key) if key != "file" else Path(self.file or "").name

@@ -20,13 +20,17 @@ import equicore  # noqa: F401  (registrations)
 from equicore.adapters import TaskAdapter, build_adapter
 from equicore.datasets import collate
 from equicore.errors import InvalidInputError
+from equicore.heads.cache import record_backbone_digest
+from equicore.heads.format import backbone_digest
 from equicore.models.checkpoint import weights_digest
 from equicore.models.common import RANDOM_INIT, resolve_checkpoint
+from equicore.models.inference_graph import build_graph
 from equicore.models.user import check_dynamic_shapes, check_output
 from equicore.registry import DATASETS, MODELS
 from equicore.seeding import derive_seed
 from storage.keys import code_version as _code_version
 from tasks.config import RunConfig
+from tasks.config_model import DEFAULT_GRAPH
 from tasks.user_code import build_user_model
 
 
@@ -115,6 +119,13 @@ def build_runtime(cfg: RunConfig, device: torch.device | None = None) -> Runtime
         p.requires_grad_(False)  # attacks and defenses differentiate w.r.t. inputs only
     if task == "segmentation":
         options.setdefault("ignore_index", dataset.ignore_index if dataset.ignore_index is not None else 255)
+    digest = weights_digest(model)  # of the weights as loaded, whatever the graph (the manifest and keys name it)
+    if cfg.model.graph != DEFAULT_GRAPH:
+        plain = model
+        keep = (str(options["feature_layer"]),) if "feature_layer" in options else ()  # a hooked conv keeps its output
+        model = build_graph(plain, cfg.model.graph, keep)
+        record_backbone_digest(model, backbone_digest(plain))  # the shipped heads still fit the optimised copy
+        del plain
     x, _, ids = collate([dataset[indices[0]]])
     if cfg.model.kind != "name":  # a user's model: its output must fit the task and classes, its file any shape
         check_output(model, x.to(device), task, dataset.num_classes, repr(label))
@@ -136,7 +147,7 @@ def build_runtime(cfg: RunConfig, device: torch.device | None = None) -> Runtime
                 f"model {label!r} (checkpoint {cfg.model.checkpoint or 'default'}): its {what} for sample "
                 f"{ids[0]} contain NaN/Inf (expected finite values; are the weights broken?)"
             )
-    return Runtime(cfg, dataset, indices, model, adapter, device, weights_digest(model), dataset.fingerprint())
+    return Runtime(cfg, dataset, indices, model, adapter, device, digest, dataset.fingerprint())
 
 
 def _build_model(cfg: RunConfig) -> tuple[torch.nn.Module, dict[str, Any]]:

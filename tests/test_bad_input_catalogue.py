@@ -342,6 +342,12 @@ CASES: list[Case] = [
         "model.name: unknown model 'resnet5O'",
     ),
     config(
+        "unknown_graph",
+        "unknown model graph",
+        _set("model", "graph", value="fast"),
+        "model.graph: expected one of plain, optimized, got 'fast'",
+    ),
+    config(
         "unknown_dataset",
         "unknown dataset",
         _set("dataset", "name", value="mnits"),

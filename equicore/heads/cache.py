@@ -28,6 +28,13 @@ _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], HeadArtifact]
 _DIGESTS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 
+def record_backbone_digest(model: nn.Module, digest: str) -> None:
+    """Check heads against ``digest`` for ``model``: an inference-optimised copy of a model (BatchNorm folded into
+    its convolutions, :mod:`equicore.models.inference_graph`) holds other tensors than the weights it was made from,
+    but it is their backbone, and heads trained on them fit it."""
+    _DIGESTS[model] = digest
+
+
 def resolve_head_path(
     kind: str,
     head: str | os.PathLike[str] | None,

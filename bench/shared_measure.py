@@ -39,13 +39,13 @@ def _config(path: Path, limit: int, cache: Path, results: Path):
 
 
 def _timed_run(cfg, shared: bool, calls: list[int]) -> float:
-    original_read, original_measure = MeasureCache.read, shard_steps._equivariance
+    original_read, original_measure = MeasureCache.read, shard_steps.equivariance_scores
 
     def counted(rt, x):
         calls.append(int(x.shape[0]))
         return original_measure(rt, x)
 
-    shard_steps._equivariance = counted
+    shard_steps.equivariance_scores = counted
     if not shared:
         MeasureCache.read = lambda self, key, shard, ids: None  # type: ignore[method-assign]
     try:
@@ -53,7 +53,7 @@ def _timed_run(cfg, shared: bool, calls: list[int]) -> float:
         assert pipeline.run(cfg).ok
         return time.perf_counter() - t0
     finally:
-        MeasureCache.read, shard_steps._equivariance = original_read, original_measure  # type: ignore[method-assign]
+        MeasureCache.read, shard_steps.equivariance_scores = original_read, original_measure  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -156,7 +156,8 @@ def _summary(task: str, value: Any) -> int:
     return -1
 
 
-def _equivariance(rt: Runtime, x: torch.Tensor) -> torch.Tensor:
+def equivariance_scores(rt: Runtime, x: torch.Tensor) -> torch.Tensor:
+    """The run's equivariance measure (``measure:``) of a batch, per image (float64, on the CPU)."""
     m = rt.cfg.measure
     views = build_views(m.views)
     params = sample_view_params(views, derive_seed(m.seed, "measure"), tuple(x.shape[-2:]))
@@ -230,10 +231,10 @@ def defend_shard(rt: Runtime, cache: AdversarialCache, store: RunStore, unit: De
             if shared_before is not None:
                 b = torch.tensor(shared_before[sl], dtype=torch.float64)
             else:
-                b = _equivariance(rt, x)
+                b = equivariance_scores(rt, x)
                 measured_before += b.tolist()
             # A defense that left its input unchanged (vanilla; eps_v 0) scores exactly its input: reuse the measure.
-            a = b if torch.equal(x_def, x) else _equivariance(rt, x_def)
+            a = b if torch.equal(x_def, x) else equivariance_scores(rt, x_def)
             equi_before.update({"scores": b})
             equi_after.update({"scores": a})
             before, after = b.tolist(), a.tolist()

@@ -30,13 +30,13 @@ def _run(tmp_path: Path, monkeypatch, *, share: bool = True, **over) -> tuple[ob
     from tasks.config import parse_config
 
     calls: list[int] = []
-    measure = shard_steps._equivariance
+    measure = shard_steps.equivariance_scores
 
     def counted(rt, x):
         calls.append(x.shape[0])
         return measure(rt, x)
 
-    monkeypatch.setattr(shard_steps, "_equivariance", counted)
+    monkeypatch.setattr(shard_steps, "equivariance_scores", counted)
     if not share:  # every unit measures its own input, as before the shared path existed
         monkeypatch.setattr(MeasureCache, "read", lambda self, key, shard, ids: None)
     data = tiny_config(tmp_path, cluster={"in_process": True, "torch_threads": 1}, **over)
@@ -67,7 +67,7 @@ def test_shared_scores_equal_a_recomputation(tmp_path: Path, monkeypatch) -> Non
 
     rt = build_runtime(cfg)
     x, _, ids = rt.batch(rt.indices[:5])
-    again = dict(zip(ids, shard_steps._equivariance(rt, x).tolist(), strict=True))
+    again = dict(zip(ids, shard_steps.equivariance_scores(rt, x).tolist(), strict=True))
     rows = query(cfg.results_dir, SCORES_SQL).to_pylist()
     clean = {r["sample_id"]: r["equivariance_before"] for r in rows if r["attack"] == "clean"}
     assert all(clean[i] == again[i] for i in ids)  # exactly, not approximately

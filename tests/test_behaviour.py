@@ -38,7 +38,8 @@ def outcome(trained_segmenter) -> Outcome:
     attack = build_attack("pgd", eps=ATTACK_EPS, steps=20, step_size=ATTACK_EPS / 4)
     x_adv = run_attack(attack, adapter, x, y, seeds).x_adv
     defense = build_defense("equivariance").with_attack_eps(ATTACK_EPS)
-    assert isinstance(defense, ConsistencyDefense) and defense.steps == 20 and len(defense._views) == 8
+    assert isinstance(defense, ConsistencyDefense) and defense.steps == 20
+    assert len(defense.view_params(0, tuple(x.shape[-2:]))) == 8  # K = 8 views drawn per step
     x_pur = defense.purify(adapter, x_adv, seeds)
     images = {"clean": x, "attacked": x_adv, "purified": x_pur}
     acc, miou, score = {}, {}, {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 from pathlib import Path
 
@@ -230,14 +231,22 @@ def test_scene_cache_matches_lazy_generation(tmp_path: Path) -> None:
     path = scenes.build_scene_cache(lazy, tmp_path)
     assert (path / "images.npy").is_file()
     cached = scenes.fashion_scenes_instances(root=str(tmp_path), split="test", num_scenes=5)
-    assert cached._cache is not None and cached.fingerprint() == lazy.fingerprint()
+    assert cached.fingerprint() == lazy.fingerprint()
     for i in range(5):
         a, b = cached[i], lazy[i]
         assert torch.equal(a.image, b.image)
         for key in ("boxes", "labels", "masks"):
             assert torch.equal(a.target[key], b.target[key])
-    sem = scenes.fashion_scenes(root=str(tmp_path), split="test", num_scenes=5)
-    assert sem._cache is not None  # one cache serves both target forms
+    # The cache is what is read, by both target forms: a pixel marked in its images shows in scene 0 only.
+    images = np.load(path / "images.npy")
+    images[0, 0, 0] = 255 - images[0, 0, 0]
+    np.save(path / "marked.npy", images)
+    os.replace(path / "marked.npy", path / "images.npy")  # a new file: `cached` keeps its map of the old one
+    for ds in (
+        scenes.fashion_scenes_instances(root=str(tmp_path), split="test", num_scenes=5),
+        scenes.fashion_scenes(root=str(tmp_path), split="test", num_scenes=5),
+    ):
+        assert not torch.equal(ds[0].image, lazy[0].image) and torch.equal(ds[1].image, lazy[1].image)
 
 
 @needs_scenes
@@ -264,7 +273,7 @@ def test_scene_options_are_validated() -> None:
 def test_prepare_copies_package_files_and_reports_missing_fashion(tmp_path: Path, monkeypatch) -> None:
     # The MNIST fixture stands in for an installed foolbox's data folder: no network in this test.
     monkeypatch.setattr(builtin, "package_data_dir", lambda pkg, *parts: FIXTURES / "mnist" / "test")
-    dest = builtin._install_files(
+    dest = builtin.install_package_files(
         tmp_path / "mnist" / "test", builtin.MNIST_TEST_FILES, "foolbox", ("data",), builtin.FOOLBOX, lambda m: None
     )
     assert sorted(p.name for p in dest.iterdir()) == sorted(builtin.MNIST_TEST_FILES)

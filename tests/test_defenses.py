@@ -183,7 +183,7 @@ def test_batched_defense_equals_the_per_view_loop(seg_views) -> None:
         ("chunked", {"batched": True, "max_batch_pixels": 4 * 32 * 40}),
     ):
         d = build_defense("equivariance", steps=20, **kwargs).with_attack_eps(ATTACK_EPS)
-        assert isinstance(d, ConsistencyDefense) and len(d._views) == 8
+        assert isinstance(d, ConsistencyDefense) and len(d.view_params(0, tuple(x.shape[-2:]))) == 8  # K = 8
         outs[key] = d.purify(adapter, x, seeds)
         with torch.no_grad():
             scores[key] = d.score(adapter, outs[key])

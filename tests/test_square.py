@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import equicore  # noqa: F401  (registrations)
-from equicore.attacks.square import SquareResult, _eta, margin_loss, p_selection, square_attack
+from equicore.attacks.square import SquareResult, margin_loss, p_selection, square_attack
 from equicore.errors import DatasetError, InvalidInputError
 from equicore.models.common import WEIGHTS_DIR
 from equicore.registry import DATASETS, MODELS
@@ -224,14 +224,38 @@ def test_targeted_square_reaches_the_target() -> None:
     assert r.success.any()
 
 
-def test_schedule_and_window_profile() -> None:
+def test_schedule() -> None:
     # The reference's halving points of a 10000-query run, rescaled to the budget.
     assert [p_selection(it, 10000, 0.8) for it in (0, 10, 11, 50, 51, 9000)] == [0.8, 0.8, 0.4, 0.4, 0.2, 0.8 / 512]
     assert p_selection(30, 100, 0.8) == 0.8 / 64  # 30/100 of the run: 3000 of 10000
-    for s in (3, 5, 8, 25):
-        e = _eta(s)
-        assert e.shape == (s, s) and abs(float(e.norm()) - 1) < 1e-12
-        assert (e[: s // 2] > 0).all() and (e[s // 2 :] < 0).all()
+
+
+@pytest.mark.parametrize("s", [3, 5, 8, 25])
+def test_l2_start_is_the_reference_window_profile_on_every_window(s: int) -> None:
+    """Query 2 (the L2 initial perturbation) of a grey 5s x 5s image: the reference's 5 x 5 grid of s x s windows,
+    each holding the same L2 mass, all of one sign on one half and of the other sign on the other half (split by
+    rows, or by columns where the window is transposed)."""
+    x = torch.full((3, 1, 5 * s, 5 * s), 0.5, dtype=torch.float64)
+    queried: list[torch.Tensor] = []
+
+    def never_fooled(xs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        queried.append(xs.clone())
+        return torch.ones(len(idx), dtype=torch.float64)
+
+    eps = 32.0  # /255: spread over 25 windows, so no pixel reaches the [0, 1] clamp
+    square_attack(never_fooled, x, eps=eps, n_queries=2, norm="l2", seeds=[1, 2, 3])
+    assert len(queried) == 2 and torch.equal(queried[0], x)
+    half = s // 2
+
+    def split(w: torch.Tensor) -> bool:
+        top, bottom = w[:half], w[half:]
+        return bool(((top > 0).all() and (bottom < 0).all()) or ((top < 0).all() and (bottom > 0).all()))
+
+    for delta in (queried[1] - x)[:, 0]:
+        windows = delta.unfold(0, s, s).unfold(1, s, s).reshape(25, s, s)
+        for w in windows:
+            assert abs(float(w.norm()) - eps / 255 / 5) < 1e-12
+            assert split(w) or split(w.T)
 
 
 # ------------------------------------------------------------------------------- determinism and independence

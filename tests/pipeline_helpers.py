@@ -8,10 +8,13 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
+
+T = TypeVar("T")
 
 FIXTURE_DIGITS = Path(__file__).parent / "fixtures" / "mnist_foolbox"
 REPO = Path(__file__).resolve().parent.parent
@@ -28,6 +31,26 @@ PRESET_VARS = (
     "RESNET50_ADV_CHECKPOINT",
     "MASKRCNN_COCO_CHECKPOINT",
 )
+# A bad input is refused before any work starts, so it fails fast (README, "Bad-input catalogue").
+BAD_INPUT_SECONDS = 10.0
+
+
+def timed_call(call: Callable[[], T], hang_s: int = 60) -> tuple[T, float]:
+    """``call()``'s result and its wall time in seconds. A call still running after ``hang_s`` raises TimeoutError
+    (SIGALRM, so from the main thread only): a hang fails its test instead of stalling the suite."""
+
+    def hung(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"still running after {hang_s} s: a bad input hung")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(hang_s)
+    try:
+        started = time.perf_counter()
+        result = call()
+        return result, time.perf_counter() - started
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def mnist_root(tmp: Path) -> Path:

@@ -1,7 +1,8 @@
 """The bad-input catalogue (README, "Troubleshooting"): one table of bad inputs, each asserting
 
 - a one-line error (no traceback) that names the field, path or tensor and says what was expected, and
-- that a run completed before it (same results and cache directories) is byte-identical afterwards.
+- that a run completed before it (same results and cache directories) is byte-identical afterwards, and
+- that it fails in under 10 s (tests.pipeline_helpers.BAD_INPUT_SECONDS), like the hostile cases.
 
 CLI cases run ``equi`` in process (typer's CliRunner) against the completed run's directories, so a bad config
 that slipped through would write next to real results. Engine cases (tensors that never come from a config) call
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from storage import results as R
 from storage.locks import run_lock
 from tasks.config import parse_config
 from tests.models_for_tests import TinyClassifier, make_task, seeded_model
-from tests.pipeline_helpers import FIXTURE_DIGITS, REPO, mnist_root, tiny_config
+from tests.pipeline_helpers import BAD_INPUT_SECONDS, FIXTURE_DIGITS, REPO, mnist_root, timed_call, tiny_config
 
 IMAGENET_FIXTURE = REPO / "tests" / "fixtures" / "datasets" / "imagenet"
 runner = CliRunner()
@@ -537,11 +539,11 @@ def test_bad_input_fails_in_one_line_and_keeps_the_completed_run(
 ) -> None:
     monkeypatch.delenv("EQUI_TEST_UNSET_ROOT", raising=False)
     before = snapshot(completed_run)
-    if case.id == "run_already_running":
-        with run_lock(completed_run.results_dir, completed_run.run_id):  # a live run of the same config
-            code, text = case.run(tmp_path, completed_run)
-    else:
-        code, text = case.run(tmp_path, completed_run)
+    live_run: AbstractContextManager = nullcontext()
+    if case.id == "run_already_running":  # a live run of the same config holds the run's lock
+        live_run = run_lock(completed_run.results_dir, completed_run.run_id)
+    with live_run:
+        (code, text), seconds = timed_call(lambda: case.run(tmp_path, completed_run))
     lines = [ln for ln in text.splitlines() if ln.strip()]
     assert len(lines) == 1, text
     message = lines[0]
@@ -552,6 +554,7 @@ def test_bad_input_fails_in_one_line_and_keeps_the_completed_run(
     assert snapshot(completed_run) == before, "a bad input changed the completed run's files"
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "code-ran").exists()
     assert not (tmp_path / "x.csv").exists()
+    assert seconds < BAD_INPUT_SECONDS, f"{case.id} took {seconds:.1f} s"
 
 
 def test_catalogue_has_at_least_25_cases_and_is_in_the_readme() -> None:

@@ -9,9 +9,7 @@ tests/test_security.py (paths, code in configs), tests/test_configs.py.
 
 from __future__ import annotations
 
-import signal
 import socket
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +20,9 @@ import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tests.pipeline_helpers import REPO, tiny_config
+from tests.pipeline_helpers import BAD_INPUT_SECONDS, REPO, timed_call, tiny_config
 
 runner = CliRunner()
-SECONDS = 10.0
 
 
 def base_config(tmp: Path) -> dict[str, Any]:
@@ -508,10 +505,6 @@ def _close_silent_sockets() -> Iterator[None]:
         s.close()
 
 
-def _alarm(signum: int, frame: Any) -> None:
-    raise TimeoutError("a hostile input hung the CLI")
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_hostile_input_fails_in_one_line_and_writes_nothing(
     case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -522,15 +515,7 @@ def test_hostile_input_fails_in_one_line_and_writes_nothing(
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     args = case.make(tmp_path)
     before = _tree(tmp_path)
-    previous = signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(60)
-    try:
-        started = time.perf_counter()
-        result = runner.invoke(app, args)
-        seconds = time.perf_counter() - started
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+    result, seconds = timed_call(lambda: runner.invoke(app, args))
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception  # a traceback is a bug
     out = (result.stderr or "") + (result.stdout or "")
@@ -539,7 +524,7 @@ def test_hostile_input_fails_in_one_line_and_writes_nothing(
     assert lines[0].startswith("error: "), lines[0]
     for part in case.expected:
         assert part in lines[0], f"{part!r} not in {lines[0]!r}"
-    assert seconds < SECONDS, f"{case.id} took {seconds:.1f} s"
+    assert seconds < BAD_INPUT_SECONDS, f"{case.id} took {seconds:.1f} s"
     assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
     assert _tree(tmp_path) == before, "a hostile input wrote files"
 

@@ -5,14 +5,17 @@ change into two results directories, then
 
     python scripts/compare_runs.py BEFORE/results AFTER/results
 
-Rows are matched by (run, attack, defense, sample, shard) and (run, attack index, defense index, metric); what
-identifies the code or the moment (storage keys, code version, git sha, wall time, timestamps, package versions)
-is left out, everything else must be equal (NaN equals NaN). Exit 0 when identical, 1 with the first differences.
+Rows are matched by (run, unit, sample, shard) and (run, attack index, defense index, metric), where a unit is the
+(attack, defense) pair's position in the run manifest's plan order: two defenses of one name (``equivariance`` with
+``views: flip`` and with ``views: rotate15``) are two units. What identifies the code or the moment (storage keys,
+code version, git sha, wall time, timestamps, package versions) is left out, everything else must be equal (NaN
+equals NaN). Exit 0 when identical, 1 with the first differences.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections.abc import Iterable
@@ -25,24 +28,41 @@ import pyarrow.parquet as pq
 VOLATILE = {"attack_key", "defense_key", "code_version", "git_sha", "wall_time_s", "created_at", "package_versions"}
 
 
-def _rows(files: Iterable[Path], partition_run: bool) -> list[dict[str, Any]]:
+def _partitions(path: Path) -> dict[str, str]:
+    """``run_id``, ``attack_key``, ... of a file under ``name=value`` folders."""
+    return dict(p.split("=", 1) for p in path.parts if "=" in p)
+
+
+def _rows(files: Iterable[Path], unit_of: dict[tuple[str, str, str], int] | None) -> list[dict[str, Any]]:
+    """The rows of ``files`` less the volatile columns; with ``unit_of``, per-image rows get their run id and unit."""
     out = []
     for path in files:
-        run_id = next(p.split("=", 1)[1] for p in path.parts if p.startswith("run_id="))
+        part = _partitions(path)
         for row in pq.read_table(path).to_pylist():
-            if partition_run:
-                row["run_id"] = run_id
+            if unit_of is not None:
+                row["run_id"] = part["run_id"]
+                row["unit"] = unit_of.get((part["run_id"], part["attack_key"], part["defense_key"]), -1)
             out.append({k: v for k, v in row.items() if k not in VOLATILE})
     return out
 
 
+def unit_positions(results_dir: Path) -> dict[tuple[str, str, str], int]:
+    """(run id, attack key, defense key) -> the unit's position in its run manifest's list of planned units."""
+    out = {}
+    for manifest in sorted(results_dir.glob("runs/*.json")):
+        run = json.loads(manifest.read_text())
+        for i, unit in enumerate(run.get("units", [])):
+            out[(run["run_id"], unit["attack_key"], unit["defense_key"])] = i
+    return out
+
+
 def per_image_rows(results_dir: Path) -> dict[tuple, dict[str, Any]]:
-    rows = _rows(sorted(results_dir.glob("samples/*/*/*/*.parquet")), partition_run=True)
-    return {(r["run_id"], r["attack"], r["defense"], r["sample_id"], r["shard"]): r for r in rows}
+    rows = _rows(sorted(results_dir.glob("samples/*/*/*/*.parquet")), unit_positions(results_dir))
+    return {(r["run_id"], r["unit"], r["sample_id"], r["shard"]): r for r in rows}
 
 
 def table_rows(results_dir: Path) -> dict[tuple, dict[str, Any]]:
-    rows = _rows(sorted(results_dir.glob("results/*/*.parquet")), partition_run=False)
+    rows = _rows(sorted(results_dir.glob("results/*/*.parquet")), None)
     return {
         (r["run_id"], r["attack_index"], r["defense_index"], r["attack"], r["defense"], r["metric"]): r for r in rows
     }

@@ -94,10 +94,13 @@ def _guard(fn, *args, **kwargs):
 def _run_with_progress(cfg, quiet: bool):
     from flows.cli_progress import run_with_progress
     from flows.run_options import exposure_warning
+    from flows.startup import Launch
 
     if warning := exposure_warning(cfg):  # --listen on a non-loopback interface
         err_console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
-    return run_with_progress(cfg, quiet, err_console)
+    # Begun before the engine (torch) is imported: a temporary Prefect API starts meanwhile.
+    with Launch(cfg) as launch:
+        return run_with_progress(cfg, quiet, err_console, launch)
 
 
 def _print_summary(summary) -> None:

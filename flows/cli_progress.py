@@ -75,7 +75,8 @@ class ShardLog:
         self.console.print(self.line(kind), highlight=False, soft_wrap=True)
 
 
-def run_with_progress(cfg: Any, quiet: bool, err_console: Console) -> Any:
+def run_with_progress(cfg: Any, quiet: bool, err_console: Console, launch: Any = None) -> Any:
+    """``pipeline.run`` with progress shown; ``launch``: the run's start-up, begun by the caller."""
     from flows import pipeline, progress
 
     def on_phase(text: str) -> None:
@@ -104,13 +105,13 @@ def run_with_progress(cfg: Any, quiet: bool, err_console: Console) -> Any:
                 if not quiet:
                     log[0](kind)
 
-            return pipeline.run(cfg, on_plan=on_plan, on_done=on_done)
-        return _with_bars(cfg, err_console, plan_line)
+            return pipeline.run(cfg, on_plan=on_plan, on_done=on_done, launch=launch)
+        return _with_bars(cfg, err_console, plan_line, launch)
     finally:
         progress.PHASE[0] = None
 
 
-def _with_bars(cfg: Any, err_console: Console, plan_line: Callable[[Any], None]) -> Any:
+def _with_bars(cfg: Any, err_console: Console, plan_line: Callable[[Any], None], launch: Any) -> Any:
     from flows import pipeline
 
     bars = Progress(
@@ -137,7 +138,7 @@ def _with_bars(cfg: Any, err_console: Console, plan_line: Callable[[Any], None])
         bars.advance(ids[kind])
 
     with bars:
-        return pipeline.run(cfg, on_plan=on_plan, on_done=on_done)
+        return pipeline.run(cfg, on_plan=on_plan, on_done=on_done, launch=launch)
 
 
 def print_repaired(err_console: Console, repaired: list[str]) -> None:

@@ -14,16 +14,22 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from flows.planning import Outcome, WorkPlan
+from flows.prefect_api import configured_api_url as configured_api_url  # re-exported: imported from here elsewhere
+from flows.prefect_api import prefect_api as prefect_api
+from flows.startup import (  # noqa: F401  (default_workers, run_cluster_kwargs: imported from here elsewhere)
+    ALLOWED_WORKER_DEATHS,
+    EarlyCluster,
+    Launch,
+    default_workers,
+    local_cluster_kwargs,
+    run_cluster_kwargs,
+)
 from storage.cache import AdversarialCache
 from storage.errors import DiskFullError
 from storage.run_store import RunStore
 from tasks.config import ConfigError, RunConfig
 from tasks.runtime import Runtime, torch_threads_for
 from tasks.shard_steps import attack_shard, defend_shard
-
-# A task on a worker that dies (SIGKILL, OOM, preemption) is rescheduled on another worker up to this many times
-# before Dask gives up on it (KilledWorker); set explicitly so a user's Dask config of 0 cannot turn it off.
-ALLOWED_WORKER_DEATHS = 3
 
 OnDone = Callable[[str], None]  # called with a unit's kind ("attack" | "defend") as each unit finishes
 
@@ -70,59 +76,9 @@ def execute_in_process(rt: Runtime, store: RunStore, plan: WorkPlan, on_done: On
 
 
 # ------------------------------------------------------------------------------------------------- Prefect + Dask
-def configured_api_url() -> str | None:
-    """The Prefect server the user points at (environment or active profile), or None for a temporary API."""
-    from prefect.settings import get_current_settings
-
-    return os.environ.get("PREFECT_API_URL") or get_current_settings().api.url
-
-
-@contextlib.contextmanager
-def prefect_api() -> Iterator[None]:
-    """One temporary Prefect API for the flow and all Dask workers (unless the user points at a server).
-
-    Without this, every worker process would start its own ephemeral server on the same SQLite file.
-    """
-    if configured_api_url():  # a server the user runs (with the UI)
-        yield
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines: no telemetry attempts
-    server = SubprocessASGIServer()
-    # Prefect's default startup wait (20 s) is too short on a loaded machine; an overnight run must not fail on it.
-    server.start(timeout=int(os.environ.get("EQUI_PREFECT_STARTUP_TIMEOUT_S", "180")))
-    # Nobody reads a temporary API's logs, and log shipping after it stops only prints connection errors.
-    saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_LOGGING_TO_API_ENABLED")}
-    os.environ.update(PREFECT_API_URL=server.api_url, PREFECT_LOGGING_TO_API_ENABLED="false")
-    from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
-
-    try:
-        # The environment reaches worker processes; this process's settings were read at import.
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url, PREFECT_LOGGING_TO_API_ENABLED: False}):
-            yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
-
-
-def default_workers(cfg: RunConfig) -> tuple[int, int]:
-    """(workers, GPUs): one worker per GPU, else one per core (each single-threaded)."""
-    import torch
-
-    gpus = torch.cuda.device_count() if cfg.device in ("auto", "cuda") else 0
-    n = cfg.cluster.n_workers or (gpus or (os.cpu_count() or 1))
-    return n, gpus
-
-
 @contextlib.contextmanager
 def local_cluster(n_workers: int | None = None, host: str = "127.0.0.1") -> Iterator[tuple[str, int, bool]]:
     """A LocalCluster shared by several runs (``equi demo``): (scheduler address, torch threads per worker, GPUs?)."""
-    import dask
     import torch
     from distributed import LocalCluster
 
@@ -130,19 +86,7 @@ def local_cluster(n_workers: int | None = None, host: str = "127.0.0.1") -> Iter
 
     gpus = torch.cuda.device_count()
     n = n_workers or (gpus or (os.cpu_count() or 1))
-    kwargs: dict[str, Any] = {
-        "n_workers": n,
-        "threads_per_worker": 1,
-        "processes": True,
-        "host": host,
-        "dashboard_address": None,
-    }
-    if gpus:
-        kwargs["resources"] = {"GPU": 1}
-    with (
-        dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_WORKER_DEATHS}),
-        LocalCluster(**kwargs) as cluster,
-    ):
+    with LocalCluster(**local_cluster_kwargs(n, 1, host, False, gpus)) as cluster:
         try:
             yield cluster.scheduler_address, torch_threads_for(n), bool(gpus)
         finally:
@@ -194,7 +138,9 @@ async def _identity(address: str, timeout_s: float) -> Any:
     return await asyncio.wait_for(ask(), timeout_s)
 
 
-def make_task_runner(cfg: RunConfig):
+def make_task_runner(cfg: RunConfig, cluster_class: Callable[..., Any] | None = None):
+    """The flow's task runner: on the scheduler of ``--cluster``, or on a LocalCluster made by ``cluster_class``
+    (default: a new one when the flow starts; :class:`flows.startup.EarlyCluster`: one already starting)."""
     from prefect_dask import DaskTaskRunner
 
     from flows.dask_shutdown import LocalDaskTaskRunner
@@ -202,58 +148,59 @@ def make_task_runner(cfg: RunConfig):
     if cfg.cluster.address:
         timeout = f"{cfg.cluster.connect_timeout_s}s"
         return DaskTaskRunner(address=cfg.cluster.address, client_kwargs={"timeout": timeout})
-    n_workers, gpus = default_workers(cfg)
-    host = cfg.cluster.host
-    kwargs: dict[str, Any] = {
-        "n_workers": n_workers,
-        "threads_per_worker": cfg.cluster.threads_per_worker,
-        "processes": True,
-        "host": host,
-        "dashboard_address": (f"[{host}]:8787" if ":" in host else f"{host}:8787") if cfg.cluster.dashboard else None,
-    }
-    if gpus:
-        kwargs["resources"] = {"GPU": 1}
-    return LocalDaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
+    return LocalDaskTaskRunner(
+        cluster_class=cluster_class or "distributed.LocalCluster", cluster_kwargs=run_cluster_kwargs(cfg)
+    )
 
 
-def execute_with_prefect(rt: Runtime, store: RunStore, plan: WorkPlan, on_done: OnDone | None = None) -> Outcome:
+def execute_with_prefect(
+    rt: Runtime, store: RunStore, plan: WorkPlan, on_done: OnDone | None = None, launch: Launch | None = None
+) -> Outcome:
     """The plan as Prefect tasks on Dask workers (see :mod:`flows.prefect_flow`); failed units come back as text."""
+    if launch is None:
+        with Launch(rt.cfg) as own:
+            return execute_with_prefect(rt, store, plan, on_done, own)
     import dask
 
     from flows import progress
-    from flows.prefect_flow import evaluation_flow
 
     cfg = rt.cfg
     n_workers, gpus = default_workers(cfg)
-    threads = cfg.cluster.torch_threads or (torch_threads_for(n_workers) if not cfg.cluster.address else None)
-    use_gpus = (
-        cfg.cluster.gpu_resources if cfg.cluster.gpu_resources is not None else bool(gpus and not cfg.cluster.address)
-    )
-    runner = make_task_runner(cfg)
-    progress.CALLBACK[0] = on_done
-    announce_startup(cfg, n_workers)
-    settings: dict[str, Any] = {"distributed.scheduler.allowed-failures": ALLOWED_WORKER_DEATHS}
-    if cfg.cluster.address:  # a scheduler that stops answering fails the run instead of hanging it
-        settings["distributed.comm.timeouts.connect"] = f"{cfg.cluster.connect_timeout_s}s"
+    api = launch.open_api()
+    launch.announce()
+    announce_cluster(cfg, n_workers)
+    # The local cluster: begun with the launch, or now, in the background, while this process imports Prefect and
+    # waits for the API.
+    early = None if cfg.cluster.address else (launch.cluster or EarlyCluster(run_cluster_kwargs(cfg)))
     try:
-        # The flow's LocalCluster (and so its scheduler) is created inside the flow, under these settings.
-        with dask.config.set(settings), prefect_api():
+        from flows.prefect_flow import evaluation_flow
+
+        threads = cfg.cluster.torch_threads or (torch_threads_for(n_workers) if not cfg.cluster.address else None)
+        use_gpus = (
+            cfg.cluster.gpu_resources
+            if cfg.cluster.gpu_resources is not None
+            else bool(gpus and not cfg.cluster.address)
+        )
+        runner = make_task_runner(cfg, early.take if early is not None else None)
+        progress.CALLBACK[0] = on_done
+        settings: dict[str, Any] = {"distributed.scheduler.allowed-failures": ALLOWED_WORKER_DEATHS}
+        if cfg.cluster.address:  # a scheduler that stops answering fails the run instead of hanging it
+            settings["distributed.comm.timeouts.connect"] = f"{cfg.cluster.connect_timeout_s}s"
+        with dask.config.set(settings), api.ready():
             return evaluation_flow.with_options(task_runner=runner)(
                 cfg.model_dump_json(), store, plan, threads, use_gpus
             )
     finally:
         progress.CALLBACK[0] = None
+        if early is not None:
+            early.close_unused()
+        launch.close()
 
 
-def announce_startup(cfg: RunConfig, n_workers: int) -> None:
-    """Name the start-up phases of a Prefect + Dask run, and the links to its dashboards when they are on."""
+def announce_cluster(cfg: RunConfig, n_workers: int) -> None:
+    """Name the cluster a Prefect + Dask run uses, and the link to its dashboard when it is on."""
     from flows.progress import phase
 
-    api = configured_api_url()
-    if api:
-        phase(f"using the Prefect server at {api} (UI: {api.removesuffix('/api')})")
-    else:
-        phase("starting a temporary Prefect API on 127.0.0.1 (run `prefect server start` to keep one, with its UI)")
     if cfg.cluster.address:
         phase(f"submitting to the Dask cluster at {cfg.cluster.address}")
     else:
@@ -263,9 +210,25 @@ def announce_startup(cfg: RunConfig, n_workers: int) -> None:
             phase(f"Dask dashboard: http://{host}:8787/status (another port if 8787 is taken: see --verbose)")
 
 
-def execute(rt: Runtime, store: RunStore, plan: WorkPlan, on_done: OnDone | None = None) -> Outcome:
-    """Execute the plan the way the config asks (``cluster.in_process``); an empty plan does nothing."""
+def execute(
+    rt: Runtime, store: RunStore, plan: WorkPlan, on_done: OnDone | None = None, launch: Launch | None = None
+) -> Outcome:
+    """Execute the plan where the config asks (``cluster.in_process``, a scheduler, a local cluster) or, when it
+    leaves that open, where :func:`flows.startup.small_run_reason` says; an empty plan does nothing."""
+    from flows.progress import phase
+
     if plan.empty:
+        if launch is not None:
+            launch.close()  # nothing to run: a temporary API launched for it stops now
         return {}
-    executor = execute_in_process if rt.cfg.cluster.in_process else execute_with_prefect
-    return executor(rt, store, plan, on_done)
+    if rt.cfg.cluster.in_process:
+        return execute_in_process(rt, store, plan, on_done)
+    if launch is None:
+        with Launch(rt.cfg) as own:
+            return execute(rt, store, plan, on_done, own)
+    n_units = len(plan.attack_units) + len(plan.defend_units)
+    if reason := launch.small_run_reason(default_workers(rt.cfg)[0], n_units):
+        launch.close()  # a temporary API launched before the plan was known stops now
+        phase(f"running in this process: {reason} (--workers N runs it on a local Dask cluster)")
+        return execute_in_process(rt, store, plan, on_done)
+    return execute_with_prefect(rt, store, plan, on_done, launch)

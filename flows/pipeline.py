@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from equicore.datasets.scan import check_samples
-from flows.execution import OnDone, check_cluster, execute, local_cluster, prefect_api
+from flows.execution import OnDone, check_cluster, execute, local_cluster
 from flows.manifest import provenance, write_manifest
 from flows.planning import Outcome, WorkPlan, plan_work
+from flows.prefect_api import choose_api, open_api
 from flows.progress import phase
+from flows.startup import Launch
 from storage.cache import AdversarialCache
 from storage.errors import DiskFullError
 from storage.run_store import RunStore
@@ -52,20 +54,37 @@ class RunSummary:
 
 
 def run(
-    cfg: RunConfig, *, on_plan: Callable[[WorkPlan], None] | None = None, on_done: OnDone | None = None
+    cfg: RunConfig,
+    *,
+    on_plan: Callable[[WorkPlan], None] | None = None,
+    on_done: OnDone | None = None,
+    launch: Launch | None = None,
 ) -> RunSummary:
-    """Run (or resume) a config. ``on_plan(plan)`` and ``on_done(kind)`` drive progress displays.
+    """Run (or resume) a config. ``on_plan(plan)`` and ``on_done(kind)`` drive progress displays. ``launch``: its
+    start-up, begun by the caller (``equi run`` begins it before importing the engine); default: begun here.
 
     One process at a time per run id (a second one gets RunLockedError). A full disk stops the run with
     DiskFullError; everything finished before it is kept and ``equi resume`` picks up from there.
     """
     started = time.perf_counter()
-    store = RunStore(cfg.results_dir, cfg.run_id())
     # Check paths, then build (and so validate) dataset, model and adapter, before anything is written.
     check_config_paths(cfg)
     if cfg.cluster.address:
         phase(f"connecting to the Dask scheduler at {cfg.cluster.address}")
     check_cluster(cfg)  # a scheduler that does not answer fails here, in one line, not after the manifest is written
+    # A temporary Prefect API (when the run may need one) starts now, in the background, while the model loads.
+    with contextlib.nullcontext(launch) if launch is not None else Launch(cfg) as begun:
+        return _run(cfg, begun, started, on_plan, on_done)
+
+
+def _run(
+    cfg: RunConfig,
+    launch: Launch,
+    started: float,
+    on_plan: Callable[[WorkPlan], None] | None,
+    on_done: OnDone | None,
+) -> RunSummary:
+    store = RunStore(cfg.results_dir, cfg.run_id())
     phase(f"loading dataset {cfg.dataset.name} and model {cfg.model.label}")
     rt = build_runtime(cfg)
     phase(f"checking that the {len(rt.indices)} selected images decode")
@@ -76,11 +95,12 @@ def run(
     check_output_dirs(cfg)
     check_output_tree(cfg)
     with resume_hint_when_disk_full(store), store.lock():
+        launch.start_cluster()  # checks passed: the local cluster (if the run surely needs one) starts while it plans
         write_manifest(store, rt, units, "running")
         plan = plan_work(units, store, AdversarialCache(cfg.cache_dir))  # what is left; damaged files regenerate
         if on_plan:
             on_plan(plan)
-        outcome = execute(rt, store, plan, on_done)  # in process, or Prefect tasks on Dask workers
+        outcome = execute(rt, store, plan, on_done, launch)  # in process, or Prefect tasks on Dask workers
         full = disk_full_message(outcome)
         if full:
             raise DiskFullError(full)  # before recording failures: they would be written to the same full disk
@@ -116,7 +136,13 @@ def run_many(
     """Run several configs on ONE LocalCluster and ONE Prefect API (``equi demo``, benchmarks): starting them per
     run would cost more than a small run. ``runner(cfg)`` runs one config (default :func:`run`). Yields summaries."""
     runner = runner or run
-    with local_cluster(n_workers) as (address, threads, gpus), prefect_api():
+    results_dirs = {cfg.results_dir for cfg in cfgs}
+    # The API first (a temporary one launched, not waited for), so that it starts while the cluster does.
+    with (
+        open_api(choose_api(results_dirs.pop() if len(results_dirs) == 1 else None)) as api,
+        local_cluster(n_workers) as (address, threads, gpus),
+        api.ready(),
+    ):
         for cfg in cfgs:
             if cfg.cluster.in_process:
                 yield runner(cfg)

@@ -1,0 +1,157 @@
+"""Start-up overhead of a run through Prefect + Dask against the same work in process (issue #18).
+
+    python -m bench.pipeline_overhead                 # 2 repetitions: the fashion demo config on 16 images
+    python -m bench.pipeline_overhead --reps 3 --json out.json
+    python -m bench.pipeline_overhead --code DIR      # the runs use another checkout's code (before / after)
+
+Each repetition runs three fresh ``equi run`` processes, interleaved (the order rotates with the repetition):
+
+- **in process**: ``--in-process``;
+- **warm**: ``--workers N`` while a long-lived ``equi server`` runs for the results directory (the nightly set-up;
+  the bench starts it once with the ``equi server start`` machinery and stops it at the end);
+- **cold**: ``--workers N`` with no server: the run starts a temporary Prefect API.
+
+Every run has a cache directory and a run name of its own, so nothing is cached or already done: the warm runs share
+the server's results directory (that is how a run finds the server), the others get fresh ones. The runs' results
+tables are compared (in process and Dask must agree exactly). Times are wall seconds of the whole process, Python's
+start-up and imports included, as a user sees them.
+
+Printed: each run's wall time, the median per mode, the warm ratio (warm / in process) and the cold start-up (cold
+minus in process). Targets of the issue: warm <= 1.15x, cold start-up <= 15 s. The last line is
+``overhead=<warm ratio> cold_startup_s=<seconds>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "configs" / "demo" / "01_fashion_cnn.yaml"
+MODES = ("in_process", "warm", "cold")
+
+
+def workload(source: Path, images: int, steps: int | None, name: str) -> dict[str, Any]:
+    """The demo config on its first ``images`` images, every attack's and defense's ``steps`` capped at ``steps``
+    (None: as the demo has them), under ``name``; where it runs is left to the command line."""
+    data = yaml.safe_load(source.read_text())
+    data["name"] = name
+    data["dataset"] = {**data["dataset"], "limit": images}
+    data.pop("cluster", None)
+    if steps is not None:
+        for entry in [*data.get("attacks", []), *data.get("defenses", [])]:
+            if isinstance(entry, dict) and "steps" in entry:
+                entry["steps"] = min(int(entry["steps"]), steps)
+    return data
+
+
+def child_env(code: Path) -> dict[str, str]:
+    """The environment of a run: the chosen code, no Prefect server named (a warm run finds the `equi server` of its
+    results directory by itself)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "EQUI_RESULTS_DIR")}
+    env.update(PYTHONPATH=str(code), PREFECT_SERVER_ANALYTICS_ENABLED="false", COLUMNS="200")
+    return env
+
+
+def timed_run(code: Path, config: Path, results: Path, cache: Path, flags: list[str]) -> tuple[float, str]:
+    cmd = [sys.executable, "-m", "flows.cli", "run", str(config), "--results-dir", str(results)]
+    cmd += ["--cache-dir", str(cache), "--no-report", *flags]
+    started = time.perf_counter()
+    done = subprocess.run(cmd, cwd=code, env=child_env(code), capture_output=True, text=True, timeout=1800)
+    seconds = time.perf_counter() - started
+    output = done.stdout + done.stderr
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{output[-3000:]}")
+    return seconds, output
+
+
+def table(results: Path, run_id: str) -> list[tuple]:
+    from storage.results import read_results_table
+
+    rows = read_results_table(results, run_id).to_pylist()
+    return sorted((r["attack"], r["defense"], r["metric"], r["value"], r["n_samples"]) for r in rows)
+
+
+def run_id_of(output: str) -> str:
+    for line in output.splitlines():
+        if line.startswith("run ") and ": " in line:
+            return line.split()[1].rstrip(":")
+    raise SystemExit(f"no run id in the output:\n{output[-2000:]}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    p.add_argument("--reps", type=int, default=2, help="repetitions of the three modes (medians are reported)")
+    p.add_argument("--images", type=int, default=16)
+    p.add_argument("--steps", type=int, default=0, help="cap on attack and defense steps (0: the demo's own)")
+    p.add_argument("--workers", type=int, default=2, help="local Dask workers of the warm and cold runs")
+    p.add_argument("--config", type=Path, default=DEMO)
+    p.add_argument("--code", type=Path, default=REPO, help="checkout whose code the runs use")
+    p.add_argument("--json", dest="json_out", default=None)
+    args = p.parse_args(argv)
+    code = args.code.resolve()
+    from flows.prefect_api import configured_api_url
+    from flows.prefect_server import start_server, stop_server
+
+    if configured_api_url():
+        raise SystemExit("a Prefect API is configured (PREFECT_API_URL or the active profile): no run would be cold")
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="equi-overhead-") as tmp_name:
+        tmp = Path(tmp_name)
+        warm_results = tmp / "warm-results"
+        print(f"starting the long-lived Prefect server for {warm_results} (not timed) ...", flush=True)
+        server, _ = start_server(warm_results)
+        try:
+            for rep in range(args.reps):
+                order = MODES[rep % 3 :] + MODES[: rep % 3]
+                for mode in order:
+                    name = f"overhead-{mode.replace('_', '-')}-{rep}"
+                    config = tmp / f"{name}.yaml"
+                    steps = args.steps or None
+                    config.write_text(yaml.safe_dump(workload(args.config, args.images, steps, name)))
+                    results = warm_results if mode == "warm" else tmp / f"{name}-results"
+                    flags = ["--in-process"] if mode == "in_process" else ["--workers", str(args.workers)]
+                    seconds, output = timed_run(code, config, results, tmp / f"{name}-cache", flags)
+                    run_id = run_id_of(output)
+                    used_server = server.api_url in output and "equi server" in output
+                    runs.append(
+                        {"rep": rep, "mode": mode, "seconds": seconds, "run_id": run_id, "used_server": used_server}
+                    )
+                    runs[-1]["table"] = table(results, run_id)
+                    print(f"rep {rep} {mode:<10} {seconds:7.1f} s  ({run_id})", flush=True)
+        finally:
+            stop_server(warm_results)
+    tables = {json.dumps(r.pop("table")) for r in runs}
+    median = {m: statistics.median(r["seconds"] for r in runs if r["mode"] == m) for m in MODES}
+    ratio = median["warm"] / median["in_process"]
+    cold_startup = median["cold"] - median["in_process"]
+    warm_used = all(r["used_server"] for r in runs if r["mode"] == "warm")
+    print(
+        f"workload: {args.config.name}, {args.images} images, steps capped at {args.steps or 'the demo values'}; "
+        f"{args.workers} workers; {args.reps} repetition(s); code {code}"
+    )
+    for m in MODES:
+        print(f"median {m:<10} {median[m]:7.1f} s")
+    print(f"load average at the end (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"warm runs used the running `equi server`: {'yes' if warm_used else 'no'}")
+    print(f"results tables identical across all runs: {'yes' if len(tables) == 1 else 'NO'}")
+    print(f"warm / in process {ratio:.2f}x (target <= 1.15x); cold start-up {cold_startup:.1f} s (target <= 15 s)")
+    out = {"runs": runs, "median_s": median, "warm_ratio": ratio, "cold_startup_s": cold_startup}
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(out, indent=2))
+    print(f"overhead={ratio:.2f} cold_startup_s={cold_startup:.1f}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -36,6 +36,8 @@ from typing import Any
 
 import yaml
 
+from bench.common import finish, long_lived_server
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "configs" / "demo" / "01_fashion_cnn.yaml"
 MODES = ("in_process", "warm", "cold")
@@ -100,18 +102,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--json", dest="json_out", default=None)
     args = p.parse_args(argv)
     code = args.code.resolve()
-    from flows.prefect_api import configured_api_url
-    from flows.prefect_server import start_server, stop_server
-
-    if configured_api_url():
-        raise SystemExit("a Prefect API is configured (PREFECT_API_URL or the active profile): no run would be cold")
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="equi-overhead-") as tmp_name:
         tmp = Path(tmp_name)
         warm_results = tmp / "warm-results"
-        print(f"starting the long-lived Prefect server for {warm_results} (not timed) ...", flush=True)
-        server, _ = start_server(warm_results)
-        try:
+        with long_lived_server(warm_results) as server:
             for rep in range(args.reps):
                 order = MODES[rep % 3 :] + MODES[: rep % 3]
                 for mode in order:
@@ -129,8 +124,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     )
                     runs[-1]["table"] = table(results, run_id)
                     print(f"rep {rep} {mode:<10} {seconds:7.1f} s  ({run_id})", flush=True)
-        finally:
-            stop_server(warm_results)
     tables = {json.dumps(r.pop("table")) for r in runs}
     median = {m: statistics.median(r["seconds"] for r in runs if r["mode"] == m) for m in MODES}
     ratio = median["warm"] / median["in_process"]
@@ -142,15 +135,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     for m in MODES:
         print(f"median {m:<10} {median[m]:7.1f} s")
-    print(f"load average at the end (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"warm runs used the running `equi server`: {'yes' if warm_used else 'no'}")
     print(f"results tables identical across all runs: {'yes' if len(tables) == 1 else 'NO'}")
     print(f"warm / in process {ratio:.2f}x (target <= 1.15x); cold start-up {cold_startup:.1f} s (target <= 15 s)")
     out = {"runs": runs, "median_s": median, "warm_ratio": ratio, "cold_startup_s": cold_startup}
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(out, indent=2))
-    print(f"overhead={ratio:.2f} cold_startup_s={cold_startup:.1f}")
-    return out
+    return finish(out, args.json_out, f"overhead={ratio:.2f} cold_startup_s={cold_startup:.1f}")
 
 
 if __name__ == "__main__":

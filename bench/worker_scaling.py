@@ -22,13 +22,14 @@ Targets (issue #18): speed-up >= 1.7x, flat memory. Last line: ``speedup=<x> rss
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.common import finish, long_lived_server
 
 WORKER_MARK = "spawn_main"  # how a Dask worker process (multiprocessing spawn) shows in its command line
 
@@ -120,19 +121,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # before Prefect is imported: its INFO lines per task
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows import pipeline
-    from flows.prefect_api import configured_api_url
-    from flows.prefect_server import start_server, stop_server
 
-    if configured_api_url():
-        raise SystemExit("a Prefect API is configured (PREFECT_API_URL or the active profile): unset it")
     large = 4 * args.small
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="equi-scaling-") as tmp_name:
         tmp = Path(tmp_name)
         results = tmp / "results"
-        print(f"starting a long-lived Prefect server for {results} (not timed) ...", flush=True)
-        server, _ = start_server(results)
-        try:
+        with long_lived_server(results) as server:
             for workers, images in ((1, large), (2, large), (2, args.small)):
                 cfg = config(tmp, results, workers, images, args.steps)
                 started = time.perf_counter()
@@ -159,8 +154,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"compute span {span:6.1f} s (tasks {task_total:6.1f} s), worker peak RSS {peak_mb} MB",
                     flush=True,
                 )
-        finally:
-            stop_server(results)
     one, two, small = rows
     speedup = one["span_s"] / two["span_s"]
     rss_growth = max(two["worker_peak_mb"]) / max(small["worker_peak_mb"])
@@ -168,17 +161,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"workload: fashion_scenes test, drn_tiny_seg, clean + equivariance ({args.steps} steps), shards of 4; "
         f"{args.small} vs {large} scenes"
     )
-    print(f"load average at the end (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"speed-up 2 vs 1 worker {speedup:.2f}x (wall {one['wall_s'] / two['wall_s']:.2f}x; target >= 1.7x)")
     print(
         f"largest worker peak RSS: {max(small['worker_peak_mb'])} MB on {args.small} scenes, "
         f"{max(two['worker_peak_mb'])} MB on {large}: growth {rss_growth:.2f}x (target: flat)"
     )
     out = {"runs": rows, "speedup": speedup, "rss_growth": rss_growth}
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(out, indent=2))
-    print(f"speedup={speedup:.2f} rss_growth={rss_growth:.2f}")
-    return out
+    return finish(out, args.json_out, f"speedup={speedup:.2f} rss_growth={rss_growth:.2f}")
 
 
 if __name__ == "__main__":

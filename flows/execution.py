@@ -14,9 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from flows.planning import Outcome, WorkPlan
-from flows.prefect_api import configured_api_url as configured_api_url  # re-exported: imported from here elsewhere
-from flows.prefect_api import prefect_api as prefect_api
-from flows.startup import (  # noqa: F401  (default_workers, run_cluster_kwargs: imported from here elsewhere)
+from flows.startup import (
     ALLOWED_WORKER_DEATHS,
     EarlyCluster,
     Launch,
@@ -154,12 +152,10 @@ def make_task_runner(cfg: RunConfig, cluster_class: Callable[..., Any] | None = 
 
 
 def execute_with_prefect(
-    rt: Runtime, store: RunStore, plan: WorkPlan, on_done: OnDone | None = None, launch: Launch | None = None
+    rt: Runtime, store: RunStore, plan: WorkPlan, on_done: OnDone | None, launch: Launch
 ) -> Outcome:
-    """The plan as Prefect tasks on Dask workers (see :mod:`flows.prefect_flow`); failed units come back as text."""
-    if launch is None:
-        with Launch(rt.cfg) as own:
-            return execute_with_prefect(rt, store, plan, on_done, own)
+    """The plan as Prefect tasks on Dask workers (see :mod:`flows.prefect_flow`), with the run's start-up ``launch``
+    (:func:`execute` begins one when the caller did not); failed units come back as text."""
     import dask
 
     from flows import progress

@@ -36,7 +36,7 @@ def configured_api_url() -> str | None:
     """The Prefect server the user points at (environment or active profile), or None for a temporary API."""
     from prefect.settings import get_current_settings
 
-    return os.environ.get("PREFECT_API_URL") or get_current_settings().api.url
+    return os.environ.get("PREFECT_API_URL") or get_current_settings().api.url or None
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from prefect import flow, get_run_logger
 from prefect.states import Failed
 
 from equicore.errors import EquirobustError, InvalidInputError
+from flows.prefect_api import configured_api_url
 from flows.prefect_server import ServerError, ServerInfo, api_error, running_server, start_server
 from storage.errors import StorageError
 from tasks.config import load_config
@@ -133,13 +134,6 @@ def build_deployment(config: Path, cron: str, name: str | None = None, tz: str |
 
 
 # ------------------------------------------------------------------------------------------------ which server
-def configured_api_url() -> str | None:
-    """PREFECT_API_URL from the environment or the active Prefect profile (None: Prefect would go ephemeral)."""
-    from prefect.settings import get_current_settings
-
-    return os.environ.get("PREFECT_API_URL") or get_current_settings().api.url or None
-
-
 def resolve_server(
     results_dir: str, *, start: bool, port: int | None, deploy_command: str
 ) -> tuple[str, ServerInfo | None]:

@@ -106,8 +106,9 @@ def shared_runner(spec: TuneSpec) -> Iterator[Runner | None]:
     if cluster.in_process or cluster.address:
         yield None
         return
-    from flows.execution import local_cluster, prefect_api
+    from flows.execution import local_cluster
     from flows.pipeline import run
+    from flows.prefect_api import prefect_api
 
     with local_cluster(cluster.n_workers) as (address, threads, gpus), prefect_api():
 

@@ -1,7 +1,7 @@
-"""What every local Dask worker imports when it starts (Dask's ``preload``, see :func:`flows.execution.cluster_kwargs`),
-so that its first task does not pay for it: torch, the engine, the shard steps and the Prefect task wrappers (with
-Prefect's task engine). A worker of a cluster started ahead of the flow imports them while this process still
-loads the model and waits for the Prefect API.
+"""What every local Dask worker imports when it starts (Dask's ``preload``, see
+:func:`flows.startup.local_cluster_kwargs`), so that its first task does not pay for it: torch, the engine, the
+shard steps and the Prefect task wrappers (with Prefect's task engine). A worker of a cluster started ahead of the
+flow imports them while this process still loads the model and waits for the Prefect API.
 
 Each worker also hands the memory its tasks freed back to the OS after every task (``malloc_trim``): the workers run
 without Dask's ``MALLOC_TRIM_THRESHOLD_`` (:mod:`flows.dask_nanny`, which doubles torch's CPU speed), so glibc would

@@ -19,7 +19,7 @@ every worker), where a module that does not import is one line naming the file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
@@ -33,7 +33,7 @@ ModelTask = Literal["classification", "segmentation", "instance"]
 # Fields a built-in model's config never had: left out of the run id when unset, so existing run ids stay.
 USER_MODEL_FIELDS = ("factory", "file", "task", "num_classes", "normalize")
 ModelGraph = Literal["plain", "optimized"]
-GRAPHS: tuple[str, ...] = ("plain", "optimized")
+GRAPHS: tuple[str, ...] = get_args(ModelGraph)
 DEFAULT_GRAPH = "plain"  # left out of the run id and the cache keys, so configs written before the field keep theirs
 
 

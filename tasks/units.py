@@ -245,8 +245,11 @@ def plan_units(rt: Runtime) -> RunUnits:
         if attack.name != CLEAN and not aware:
             shared = _attack_spec(rt, ai)
             images.append(shared)
-        # The clean images' identity (dataset, selection, model) keys their shared measure; they are not cached.
-        clean_key = _attack_spec(rt, ai).attack_key if attack.name == CLEAN else None
+        # The measure of images every defense reads, keyed once; the clean images' identity (dataset, selection,
+        # model) keys theirs (they are not cached). A defense-aware attack's images are the defense's own.
+        shared_measure = None
+        if shared is not None or attack.name == CLEAN:
+            shared_measure = measure_key(rt, (shared or _attack_spec(rt, ai)).attack_key)
         for di, defense in enumerate(cfg.defenses):
             spec = resolved_defense(rt, attack, defense)
             params = spec.params()
@@ -267,7 +270,7 @@ def plan_units(rt: Runtime) -> RunUnits:
                     defense_params=params,
                     eval_draws=draws,
                     images=source,
-                    measure_key=measure_key(rt, source.attack_key if source is not None else clean_key),
+                    measure_key=measure_key(rt, own.attack_key) if own is not None else shared_measure,
                 )
             )
     reference = tuple(resolved_defense(rt, CLEAN_ATTACK, d) for d in cfg.defenses)

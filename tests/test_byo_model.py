@@ -110,7 +110,7 @@ def test_the_readme_has_both_examples() -> None:
 def one_prefect_api() -> Iterator[None]:
     """One Prefect API for the example's `equi run` and `equi resume` (each would start and stop its own, about
     16 s here); both honour PREFECT_API_URL, as for a server the user runs. The Dask cluster is still each run's."""
-    from flows.execution import prefect_api
+    from flows.prefect_api import prefect_api
 
     with prefect_api():
         yield

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from flows.execution import default_workers, make_task_runner
+from flows.execution import make_task_runner
+from flows.startup import default_workers
 from tasks.config import parse_config
 from tests.pipeline_helpers import tiny_config
 

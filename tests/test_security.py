@@ -25,6 +25,7 @@ from equicore.errors import DatasetError
 from equicore.registry import DATASETS
 from flows import execution, pipeline
 from flows.cli import app
+from flows.prefect_api import prefect_api
 from tasks.config import ConfigError, load_config, parse_config
 from tasks.paths import check_config_paths, check_output_tree
 from tests.pipeline_helpers import PRESET_VARS, REPO, mnist_root, tiny_config
@@ -317,7 +318,7 @@ def test_local_clusters_and_the_prefect_api_listen_on_localhost_only(tmp_path):
 
     before = _listening(_tree())
     kwargs = execution.make_task_runner(parse_config(tiny_config(tmp_path, cluster={"n_workers": 2}))).cluster_kwargs
-    with LocalCluster(**kwargs) as cluster, execution.local_cluster(2) as (address, _, _), execution.prefect_api():
+    with LocalCluster(**kwargs) as cluster, execution.local_cluster(2) as (address, _, _), prefect_api():
         opened = _listening(_tree()) - before
         assert cluster.scheduler_address.startswith("tcp://127.0.0.1:") and address.startswith("tcp://127.0.0.1:")
         workers = cluster.scheduler_info["workers"]

@@ -16,8 +16,7 @@ import pytest
 from flows import pipeline, progress
 from flows import prefect_api as A
 from flows import prefect_server as S
-from flows.execution import run_cluster_kwargs
-from flows.startup import EarlyCluster, Launch, chosen_by_user, small_run_reason
+from flows.startup import EarlyCluster, Launch, chosen_by_user, run_cluster_kwargs, small_run_reason
 from flows.worker_preload import PRELOADED, TrimAfterTask
 from tasks.config import ClusterConfig, parse_config
 from tests.pipeline_helpers import table_rows, tiny_config

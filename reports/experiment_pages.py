@@ -25,6 +25,7 @@ from reports.tables import (
     entry_parts,
     fmt_cell,
     gradient_masking_warnings,
+    interval_notes,
     is_partial,
     join_label,
     label_rows,
@@ -33,6 +34,7 @@ from reports.tables import (
     partial_note,
     render_markdown,
     run_index,
+    sample_note,
 )
 from storage.atomic import atomic_write_bytes, atomic_write_text
 from storage.errors import RunNotFoundError
@@ -210,7 +212,7 @@ def sweep_table(rows: Sequence[Mapping[str, Any]], layout: str, metric: str) -> 
         cells.setdefault((sel[i]["attack_label"], sel[i]["defense_label"]), fmt_cell(sel[i]))
     row_labels = ordered([series_label(sel[i]) for i in in_sweep] + [sel[i]["attack_label"] for i in refs])
     title = f"{TITLES[metric]} vs {short}" + (" (/255)" if short == "eps_v" else "")
-    notes = partial_note(any(map(is_partial, sel)))
+    notes = partial_note(any(map(is_partial, sel))) + sample_note(sel, metric) + interval_notes(sel)
     table = Table(title, row_labels, [x_cols[x] for x in x_values] + ref_cols, cells, notes)
     series = [figures.Series(k, sorted(v), [v[x] for x in sorted(v)]) for k, v in points.items()]
     series += [
@@ -237,7 +239,9 @@ def ablation_tables(rows: Sequence[Mapping[str, Any]]) -> list[Table]:
                     ordered([r["defense_name"] for r in cell_rows]),
                     cols,
                     cells,
-                    partial_note(any(map(is_partial, cell_rows))),
+                    partial_note(any(map(is_partial, cell_rows)))
+                    + sample_note(cell_rows, metric)
+                    + interval_notes(cell_rows),
                     corner="defense",
                 )
             )
@@ -265,7 +269,9 @@ def equivariance_table(rows: Sequence[Mapping[str, Any]]) -> Table | None:
             label = f"{attack} images restored by {r['defense_label']}"
             labels.append(label)
             cells[(label, column)] = fmt_cell(r)
-    notes = partial_note(any(map(is_partial, before + after)))
+    shown = before + after
+    # Of the interval notes only how they were made: the score is measured on the first draw, not over draws.
+    notes = partial_note(any(map(is_partial, shown))) + sample_note(shown, "equivariance") + interval_notes(shown)[:1]
     return Table(
         "Equivariance score (mean cosine over the measure's views; higher is more equivariant)",
         labels,

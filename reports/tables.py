@@ -278,8 +278,6 @@ def interval_notes(sel: Sequence[Mapping[str, Any]]) -> list[str]:
 def sample_note(sel: Sequence[Mapping[str, Any]], metric: str) -> list[str]:
     """How many images a cell rests on, and for accuracy the binomial standard error it implies, so a reader can
     tell a difference from sampling noise."""
-    if metric not in MAIN_METRICS:
-        return []
     counts = sorted({int(r["n_samples"]) for r in sel if r.get("n_samples")})
     if not counts:
         return []

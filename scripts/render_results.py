@@ -1,8 +1,10 @@
-"""Render docs/RESULTS.md from docs/RESULTS.template.md and the pages `equi report --all` wrote to docs/results/.
+"""Render docs/RESULTS.md and docs/TUNING.md from their templates and the generated pages.
 
-A line ``{{table PAGE | HEADING}}`` in the template is replaced by the table under ``### HEADING`` in
-``docs/results/PAGE.md``, copied verbatim (with its notes), so every number in a RESULTS.md table comes from a
-generated page; only the prose around the tables is written by hand. ``--check`` exits 1 when RESULTS.md is stale.
+docs/RESULTS.md quotes the pages `equi report --all` wrote to docs/results/ (the paper's experiments, one run each);
+docs/TUNING.md quotes docs/tuning/ (issue #19's searches and their test runs, from scripts/tune_results_pages.sh).
+A line ``{{table PAGE | HEADING}}`` in a template is replaced by the table under ``### HEADING`` in
+``PAGES/PAGE.md``, copied verbatim (with its notes), so every number in a table comes from a generated page; only
+the prose around the tables is written by hand. ``--check`` exits 1 when either document is stale.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# (document name, folder of the pages its template quotes), both under docs/
+DOCUMENTS = (("RESULTS", "results"), ("TUNING", "tuning"))
 PLACEHOLDER = re.compile(r"^\{\{table (?P<page>[^|]+?) \| (?P<heading>.+?)\}\}$")
 
 
@@ -43,16 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if docs/RESULTS.md differs from a fresh render")
     args = parser.parse_args(argv)
-    text = render(REPO / "docs" / "RESULTS.template.md", REPO / "docs" / "results")
-    target = REPO / "docs" / "RESULTS.md"
-    if args.check:
-        if target.read_text() != text:
+    stale = 0
+    for name, pages in DOCUMENTS:
+        text = render(REPO / "docs" / f"{name}.template.md", REPO / "docs" / pages)
+        target = REPO / "docs" / f"{name}.md"
+        if not args.check:
+            target.write_text(text)
+            print(target)
+        elif target.read_text() != text:
             print(f"{target} is stale: run python scripts/render_results.py", file=sys.stderr)
-            return 1
-        return 0
-    target.write_text(text)
-    print(target)
-    return 0
+            stale = 1
+    return stale
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""A Markdown page of an `equi tune` search (its front.parquet and tune.json) for docs/results/, so RESULTS.md can
+"""A Markdown page of an `equi tune` search (its front.parquet and tune.json) for docs/tuning/, so TUNING.md can
 quote the search's table like every other table (scripts/render_results.py copies it verbatim).
 
-    python scripts/tune_front_page.py .equi/results/tune/<name> docs/results   # writes docs/results/<name>-front.md
+    python scripts/tune_front_page.py .equi/results/tune/<name> docs/tuning   # writes docs/tuning/<name>-front.md
 """
 
 from __future__ import annotations

@@ -94,7 +94,11 @@ def test_sweep_table_is_rederived_exactly_from_the_parquet_results(sweep_run, tm
     cfg, run_id = sweep_run
     expected = _expected_sweep_markdown(cfg.results_dir, run_id)
     table, series = X.sweep_table(_labelled_rows(cfg.results_dir, run_id), "eps_v_sweep", "accuracy")
-    assert render_markdown([table]) == expected
+    rendered = render_markdown([table])
+    assert rendered.startswith(expected)
+    # then the notes: what a cell rests on, from the Parquet rows too
+    (n,) = {r["n_samples"] for r in pq.read_table(R.results_table_path(cfg.results_dir, run_id)).to_pylist()}
+    assert rendered[len(expected) :].startswith(f"\nn = {n} images per cell: one image = {100 / n:.2f} points")
     assert [s.label for s in series if not s.reference] == ["clean", "pgd"]
     assert [s.x for s in series if not s.reference] == [[0.0, 16.0, 32.0]] * 2
     # The experiment page carries that table verbatim.
@@ -159,6 +163,9 @@ def _row(attack: str, defense: str, views: str, value: float, key: str) -> dict:
         "shards_total": 2,
         "attack_key": attack,
         "defense_key": key,
+        "n_samples": 40,
+        "ci_low": value - 0.01,
+        "ci_high": value + 0.01,
     }
 
 
@@ -172,8 +179,10 @@ def test_k_sweep_and_ablation_layouts_from_rows() -> None:
     labelled = label_rows(rows)
     table, series = X.sweep_table(labelled, "k_sweep", "miou")
     assert table.columns == ["K=1", "K=2", "K=4", "vanilla"]
-    assert table.cells[("pgd", "K=4")] == "41.00" and table.cells[("pgd", "vanilla")] == "5.00*"
+    assert table.cells[("pgd", "K=4")] == "41.00 [40.0, 42.0]" and table.cells[("pgd", "vanilla")] == "5.00* [4.0, 6.0]"
     assert table.notes and "partial" in table.notes[0]
+    # The sweep and ablation shapes say what their cells rest on, as the attack x defense tables do.
+    assert "n = 40 images per cell" in table.notes and any(n.startswith("[low, high]") for n in table.notes)
     assert [(s.label, s.x) for s in series if not s.reference] == [("clean", [1.0, 2.0, 4.0]), ("pgd", [1.0, 2.0, 4.0])]
     ablation = X.ablation_tables(labelled)
     pgd = next(t for t in ablation if t.title.endswith("attack pgd"))
@@ -183,6 +192,7 @@ def test_k_sweep_and_ablation_layouts_from_rows() -> None:
         "views=paper_k4",
         "-",
     ]
+    assert "n = 40 images per cell" in pgd.notes and any(n.startswith("[low, high]") for n in pgd.notes)
 
 
 # ------------------------------------------------------------------------------------------------ figures
@@ -459,6 +469,8 @@ def test_equivariance_and_ablation_pages_of_the_same_run(sweep_run, tmp_path) ->
     assert table.cells[("pgd images", "mnist")] == score("equivariance_before", "pgd", None)
     restored = "pgd images restored by equivariance (eps_v=16)"
     assert table.cells[(restored, "mnist")] == score("equivariance_after", "pgd", 16)
+    n = {r["n_samples"] for r in parquet}
+    assert f"n = {n.pop()} images per cell" in table.notes and not n
     pages = {
         layout: X.render_experiment(cfg.results_dir, X.Experiment("e", "E", layout, run_id)).markdown
         for layout in ("equivariance", "ablation", "k_sweep", "attack_x_defense")

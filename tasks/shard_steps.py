@@ -242,6 +242,7 @@ def defend_shard(rt: Runtime, cache: AdversarialCache, store: RunStore, unit: De
         correct_draws = [[math.nan] * n_batch for _ in range(draws)]
         iou_draws = [[math.nan] * n_batch for _ in range(draws)]
         counts_draws: list[list] = [[None] * n_batch for _ in range(draws)]
+        target_counts_draws: list[list] = [[None] * n_batch for _ in range(draws)]
         for r, (_, bt) in enumerate(per_draw):
             if rt.task == "classification":
                 correct_draws[r] = [
@@ -252,6 +253,10 @@ def defend_shard(rt: Runtime, cache: AdversarialCache, store: RunStore, unit: De
                 counts_draws[r], iou_draws[r] = _segmentation_counts(
                     bt["preds"], bt["labels"], rt.dataset.num_classes, ignore
                 )
+                if targets is not None:  # mIoU to the attack's target map: its interval needs per-image counts too
+                    target_counts_draws[r], _ = _segmentation_counts(
+                        bt["preds"], bt["attack_targets"], rt.dataset.num_classes, ignore
+                    )
         for j, sid in enumerate(data.ids[sl]):
             label, pred = _summary(rt.task, batch["labels"][j]), _summary(rt.task, batch["preds"][j])
             row = {
@@ -272,6 +277,8 @@ def defend_shard(rt: Runtime, cache: AdversarialCache, store: RunStore, unit: De
             }
             if rt.task == "segmentation":
                 row["draw_class_counts"] = [c[j] for c in counts_draws]
+            if targets is not None:
+                row["draw_target_class_counts"] = [c[j] for c in target_counts_draws]
             rows.append(row)
     state = {draw_state_name(n, r): st.to_dict() for (n, r), st in states.items()}
     if rt.cfg.measure.enabled:

@@ -60,6 +60,7 @@ class UnitSamples:
     counts: np.ndarray | None  # segmentation: [n, draws, 3, C] true-positive, predicted, ground-truth pixels
     instances: list[Picks] | None = None  # instance segmentation: per draw, what image i is
     scores: dict[str, np.ndarray] | None = None  # per-image real-valued columns (equivariance before / after)
+    target_counts: np.ndarray | None = None  # targeted segmentation: counts against the attack's target map
 
 
 def unit_samples(rows: Sequence[Mapping[str, Any]], task: str) -> UnitSamples:
@@ -77,7 +78,12 @@ def unit_samples(rows: Sequence[Mapping[str, Any]], task: str) -> UnitSamples:
         return UnitSamples(ids, per_draw("draw_correct", "correct"), None, None, scores=scores)
     if task == "segmentation" and rows[0].get("draw_class_counts"):
         counts = np.array([r["draw_class_counts"] for r in rows], dtype=float)
-        return UnitSamples(ids, None, per_draw("draw_image_miou", "image_miou"), counts, scores=scores)
+        # Shards written before the target counts existed have none: their mIoU to target gets no interval.
+        has_target = all(r.get("draw_target_class_counts") for r in rows)
+        target = np.array([r["draw_target_class_counts"] for r in rows], dtype=float) if has_target else None
+        return UnitSamples(
+            ids, None, per_draw("draw_image_miou", "image_miou"), counts, scores=scores, target_counts=target
+        )
     return UnitSamples(ids, None, None, None, scores=scores)
 
 
@@ -157,6 +163,8 @@ def statistic(metric: str, s: UnitSamples) -> tuple[Any, tuple[np.ndarray, ...]]
         return miou_over_draws, (s.counts,)
     if metric == "miou_all_draws" and s.counts is not None:
         return miou_over_draws, (worst_draw_counts(s),)
+    if metric == "miou_to_target" and s.target_counts is not None:
+        return miou_over_draws, (s.target_counts,)
     if metric in SCORE_COLUMNS and s.scores is not None and not np.isnan(s.scores[metric]).any():
         return mean_stat, (s.scores[metric],)
     return None

@@ -247,6 +247,23 @@ def test_segmentation_run_gets_the_per_image_worst_and_intervals(tmp_path) -> No
 
 
 @pytest.mark.pipeline
+def test_targeted_segmentation_gets_intervals_on_the_miou_to_target(tmp_path) -> None:
+    """Table 3's second metric carries its interval and paired delta like mIoU (per-image counts against the
+    attack's target map, over every evaluation draw)."""
+    attacks = [{"name": "pgd", "eps": 8, "step_size": 8, "steps": 1, "targeted": True, "target": "next"}]
+    defenses = [{"name": "vanilla"}, {"name": "random_noise", "eval_draws": 2}]
+    rows = run_scenes(tmp_path, "fashion_scenes", "drn_tiny_seg", attacks, defenses, "miou_to_target", 4)
+    by = {r["defense"]: r for r in rows if r["attack"] == "pgd"}
+    assert set(by) == {"vanilla", "random_noise"}
+    for r in by.values():
+        assert r["ci_low"] is not None and r["ci_low"] - 1e-12 <= r["value"] <= r["ci_high"] + 1e-12
+        assert r["ci_high"] > r["ci_low"]  # 4 different scenes: the resamples differ
+    noisy = by["random_noise"]
+    assert noisy["n_draws"] == 2 and noisy["delta_ci_low"] <= noisy["delta"] <= noisy["delta_ci_high"]
+    assert noisy["delta"] == pytest.approx(noisy["value"] - by["vanilla"]["value"], abs=1e-9)
+
+
+@pytest.mark.pipeline
 def test_instance_run_gets_mask_ap_intervals_deltas_and_the_per_image_worst(tmp_path) -> None:
     attacks = [{"name": "clean"}, {"name": "pgd", "eps": 8, "step_size": 8, "steps": 1}]
     defenses = [{"name": "vanilla"}, {"name": "random_noise", "eval_draws": 2}]

@@ -251,9 +251,13 @@ def interval_notes(sel: Sequence[Mapping[str, Any]]) -> list[str]:
         notes.append("~ interval wider than +-5 points: too few images to resolve differences that small")
     if any(int(r.get("n_draws") or 1) > 1 for r in sel):
         spread = max(float(r.get("draw_std") or 0) for r in sel)
+        # Mask AP is not a per-image sum, so instance runs have no all-draws worst table.
+        worst_table = (
+            "; their all-draws worst is a separate table" if not any(r["metric"] == "mask_ap" for r in sel) else ""
+        )
         notes.append(
             "randomised defenses: mean over their evaluation draws (between-draw standard deviation up to "
-            f"{100 * spread:.2f} points); their all-draws worst is a separate table"
+            f"{100 * spread:.2f} points){worst_table}"
         )
     # Task metrics only: the equivariance measure is taken on the first draw by design.
     single = sorted(

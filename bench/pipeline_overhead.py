@@ -7,8 +7,9 @@
 Each repetition runs three fresh ``equi run`` processes, interleaved (the order rotates with the repetition):
 
 - **in process**: ``--in-process``;
-- **warm**: ``--workers N`` while a long-lived ``equi server`` runs for the results directory (the nightly set-up;
-  the bench starts it once with the ``equi server start`` machinery and stops it at the end);
+- **warm**: while a long-lived ``equi server`` with N warm Dask workers runs for the results directory (the nightly
+  set-up: ``equi server start --workers N``; the bench starts it once with that machinery, untimed, and stops it at
+  the end), so the run submits to its warm cluster;
 - **cold**: ``--workers N`` with no server: the run starts a temporary Prefect API.
 
 Every run has a cache directory and a run name of its own, so nothing is cached or already done: the warm runs share
@@ -65,6 +66,14 @@ def child_env(code: Path) -> dict[str, str]:
     return env
 
 
+def run_flags(mode: str, workers: int, warm_cluster: bool) -> list[str]:
+    """Where a run executes: a warm run on the server's warm cluster chooses nothing (a cluster setting of its own
+    would start its own cluster)."""
+    if mode == "in_process":
+        return ["--in-process"]
+    return [] if mode == "warm" and warm_cluster else ["--workers", str(workers)]
+
+
 def timed_run(code: Path, config: Path, results: Path, cache: Path, flags: list[str]) -> tuple[float, str]:
     cmd = [sys.executable, "-m", "flows.cli", "run", str(config), "--results-dir", str(results)]
     cmd += ["--cache-dir", str(cache), "--no-report", *flags]
@@ -106,7 +115,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="equi-overhead-") as tmp_name:
         tmp = Path(tmp_name)
         warm_results = tmp / "warm-results"
-        with long_lived_server(warm_results) as server:
+        # A checkout from before the warm cluster (--code) gets a server without one, as `equi server start` had.
+        workers = args.workers if (code / "flows" / "warm_cluster.py").exists() else 0
+        with long_lived_server(warm_results, workers, cwd=code) as server:
             for rep in range(args.reps):
                 order = MODES[rep % 3 :] + MODES[: rep % 3]
                 for mode in order:
@@ -115,13 +126,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     steps = args.steps or None
                     config.write_text(yaml.safe_dump(workload(args.config, args.images, steps, name)))
                     results = warm_results if mode == "warm" else tmp / f"{name}-results"
-                    flags = ["--in-process"] if mode == "in_process" else ["--workers", str(args.workers)]
+                    flags = run_flags(mode, args.workers, warm_cluster=bool(workers))
                     seconds, output = timed_run(code, config, results, tmp / f"{name}-cache", flags)
                     run_id = run_id_of(output)
                     used_server = server.api_url in output and "equi server" in output
-                    runs.append(
-                        {"rep": rep, "mode": mode, "seconds": seconds, "run_id": run_id, "used_server": used_server}
-                    )
+                    used_warm = "using the warm Dask cluster of `equi server`" in output
+                    run = {"rep": rep, "mode": mode, "seconds": seconds, "run_id": run_id, "used_server": used_server}
+                    runs.append({**run, "used_warm_cluster": used_warm})
                     runs[-1]["table"] = table(results, run_id)
                     print(f"rep {rep} {mode:<10} {seconds:7.1f} s  ({run_id})", flush=True)
     tables = {json.dumps(r.pop("table")) for r in runs}
@@ -129,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ratio = median["warm"] / median["in_process"]
     cold_startup = median["cold"] - median["in_process"]
     warm_used = all(r["used_server"] for r in runs if r["mode"] == "warm")
+    warm_cluster = all(r["used_warm_cluster"] for r in runs if r["mode"] == "warm")
     print(
         f"workload: {args.config.name}, {args.images} images, steps capped at {args.steps or 'the demo values'}; "
         f"{args.workers} workers; {args.reps} repetition(s); code {code}"
@@ -136,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for m in MODES:
         print(f"median {m:<10} {median[m]:7.1f} s")
     print(f"warm runs used the running `equi server`: {'yes' if warm_used else 'no'}")
+    print(f"warm runs used its warm Dask cluster: {'yes' if warm_cluster else 'no'}")
     print(f"results tables identical across all runs: {'yes' if len(tables) == 1 else 'NO'}")
     print(f"warm / in process {ratio:.2f}x (target <= 1.15x); cold start-up {cold_startup:.1f} s (target <= 15 s)")
     out = {"runs": runs, "median_s": median, "warm_ratio": ratio, "cold_startup_s": cold_startup}

@@ -366,8 +366,8 @@ def deploy(
 
 
 server_app = typer.Typer(
-    help="A local Prefect server that keeps `equi deploy` schedules (127.0.0.1 only; its state, database and log "
-    "under RESULTS_DIR/prefect/).",
+    help="A local Prefect server that keeps `equi deploy` schedules, and a warm Dask cluster for the runs (127.0.0.1 "
+    "only; state, database and logs under RESULTS_DIR/prefect/).",
     no_args_is_help=True,
 )
 app.add_typer(server_app, name="server")
@@ -377,11 +377,12 @@ app.add_typer(server_app, name="server")
 def server_start(
     results_dir: ResultsOpt = DEFAULT_RESULTS,
     port: Annotated[int | None, typer.Option(help="port on 127.0.0.1 (default: a free one)")] = None,
+    workers: Annotated[int | None, typer.Option(help="warm Dask workers (default: 1 per GPU/core; 0: none)")] = None,
 ) -> None:
-    """Start the server in the background (or report the one running); it outlives this command."""
+    """Start the server and a warm Dask cluster for the runs in the background (or report them); they outlive this."""
     from flows import cli_deploy
 
-    _guard(cli_deploy.server_start, console, results_dir, port)
+    _guard(cli_deploy.server_start, console, results_dir, port, workers)
 
 
 @server_app.command("status")
@@ -389,7 +390,7 @@ def server_status(
     results_dir: ResultsOpt = DEFAULT_RESULTS,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Whether the server runs and answers (exit 0), or not (exit 1); its URL, pid, PREFECT_HOME and log."""
+    """Whether the server runs and answers (exit 0), or not (exit 1); its URL, pid, log and warm Dask cluster."""
     from flows import cli_deploy
 
     raise typer.Exit(_guard(cli_deploy.server_status, console, results_dir, as_json))
@@ -397,7 +398,7 @@ def server_status(
 
 @server_app.command("stop")
 def server_stop(results_dir: ResultsOpt = DEFAULT_RESULTS) -> None:
-    """Stop the server (its database and run history stay, for the next start)."""
+    """Stop the server and its warm Dask cluster (its database and run history stay, for the next start)."""
     from flows import cli_deploy
 
     _guard(cli_deploy.server_stop, console, results_dir)

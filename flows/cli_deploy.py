@@ -9,16 +9,25 @@ from __future__ import annotations
 import json
 import shlex
 import signal
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
 from flows import prefect_server as S
+from flows.cluster_setup import machine_workers
+from flows.scheduler_check import check_scheduler
+from tasks.config import MAX_WORKERS, ConfigError
 
 
 # ------------------------------------------------------------------------------------------------ equi server
-def server_start(console: Console, results_dir: str, port: int | None) -> int:
-    info, started = S.start_server(results_dir, port)
+def server_start(console: Console, results_dir: str, port: int | None, workers: int | None = 0) -> int:
+    """``workers``: of the warm Dask cluster (None: one per GPU, else one per core, as a run's own; 0: none)."""
+    if workers is not None and not 0 <= workers <= MAX_WORKERS:
+        raise S.ServerError(f"--workers: expected 0 (no warm cluster) to {MAX_WORKERS}, got {workers}")
+    n, gpus = machine_workers(workers) if workers != 0 else (0, 0)
+    info, started = S.start_server(results_dir, port, workers=n, gpus=gpus)
     verb = "started" if started else "already running"
     console.print(
         f"Prefect server {verb}: {info.api_url} (pid {info.pid}; UI {info.api_url.removesuffix('/api')}; "
@@ -27,7 +36,31 @@ def server_start(console: Console, results_dir: str, port: int | None) -> int:
         highlight=False,
         soft_wrap=True,
     )
+    console.print(_cluster_line(info.cluster, results_dir), highlight=False, soft_wrap=True)
     return 0
+
+
+def _cluster_line(cluster: S.ClusterInfo | None, results_dir: str) -> str:
+    """The warm Dask cluster of a server, and whether its scheduler answers."""
+    if cluster is None:
+        return f"no warm Dask cluster (a server started with --workers 0): runs of {results_dir} start their own"
+    state = cluster_state(cluster)
+    answer = f"{state['n_workers']} worker(s) connected" if state["error"] is None else f"NOT usable: {state['error']}"
+    return (
+        f"warm Dask cluster for the runs of {results_dir}: {cluster.address}, {cluster.workers} worker(s) started, "
+        f"{answer}; pid {cluster.pid}; log {cluster.log}"
+    )
+
+
+def cluster_state(cluster: S.ClusterInfo) -> dict[str, Any]:
+    """Whether the warm cluster's process lives and its scheduler answers (``error``), and its connected workers."""
+    if not S.cluster_alive(cluster):
+        return {"error": f"its process (pid {cluster.pid}) is gone", "n_workers": 0}
+    try:
+        identity = check_scheduler(cluster.address, 5.0, "its scheduler at")
+    except ConfigError as e:
+        return {"error": str(e), "n_workers": 0}
+    return {"error": None, "n_workers": identity.get("n_workers", 0)}
 
 
 def server_status(console: Console, results_dir: str, as_json: bool) -> int:
@@ -36,7 +69,9 @@ def server_status(console: Console, results_dir: str, as_json: bool) -> int:
     why = S.api_error(info.api_url) if info else None
     if as_json:
         state = "stopped" if info is None else ("running" if why is None else "not answering")
-        doc = {"state": state, "error": why, **({} if info is None else info.__dict__)}
+        doc: dict[str, Any] = {"state": state, "error": why, **({} if info is None else asdict(info))}
+        if info is not None and info.cluster is not None:
+            doc["cluster"] |= cluster_state(info.cluster)
         console.print_json(json.dumps(doc))
     elif info is None:
         stale = S.read_state(results_dir)
@@ -50,6 +85,7 @@ def server_status(console: Console, results_dir: str, as_json: bool) -> int:
             highlight=False,
             soft_wrap=True,
         )
+        console.print(_cluster_line(info.cluster, results_dir), highlight=False, soft_wrap=True)
     return 0 if info is not None and why is None else 1
 
 
@@ -58,7 +94,10 @@ def server_stop(console: Console, results_dir: str) -> int:
     if info is None:
         console.print(f"no Prefect server running for {results_dir}", highlight=False)
     else:
-        console.print(f"stopped the Prefect server at {info.api_url} (pid {info.pid})", highlight=False)
+        cluster = f" and its warm Dask cluster (pid {info.cluster.pid})" if info.cluster is not None else ""
+        console.print(
+            f"stopped the Prefect server at {info.api_url} (pid {info.pid}){cluster}", highlight=False, soft_wrap=True
+        )
     return 0
 
 

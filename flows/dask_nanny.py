@@ -1,5 +1,5 @@
 """The nanny of this project's local Dask workers (``LocalCluster(worker_class=...)``, see
-:func:`flows.startup.local_cluster_kwargs`).
+:func:`flows.cluster_setup.local_cluster_kwargs`).
 
 Dask starts worker processes with ``MALLOC_TRIM_THRESHOLD_=65536`` (``distributed.nanny.pre-spawn-environ``), so that
 workers hand freed memory back to the OS. Setting that variable also switches off glibc's dynamic mmap threshold: it

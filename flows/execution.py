@@ -6,36 +6,22 @@ Both take the planned units of :mod:`flows.planning` and return an :data:`~flows
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from flows.cluster_setup import ALLOWED_WORKER_DEATHS, local_cluster_kwargs, machine_workers, torch_threads_for
 from flows.planning import Outcome, WorkPlan
-from flows.startup import (
-    ALLOWED_WORKER_DEATHS,
-    EarlyCluster,
-    Launch,
-    default_workers,
-    local_cluster_kwargs,
-    run_cluster_kwargs,
-)
+from flows.scheduler_check import check_scheduler, short_error
+from flows.startup import EarlyCluster, Launch, default_workers, run_cluster_kwargs
 from storage.cache import AdversarialCache
 from storage.errors import DiskFullError
 from storage.run_store import RunStore
 from tasks.config import ConfigError, RunConfig
-from tasks.runtime import Runtime, torch_threads_for
+from tasks.runtime import Runtime
 from tasks.shard_steps import attack_shard, defend_shard
 
 OnDone = Callable[[str], None]  # called with a unit's kind ("attack" | "defend") as each unit finishes
-
-
-def short_error(exc: BaseException) -> str:
-    """The first line of an error, with its type: what a failure record and the summary show."""
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {msg}"[:500]
 
 
 # ------------------------------------------------------------------------------------------------- in process
@@ -77,13 +63,11 @@ def execute_in_process(rt: Runtime, store: RunStore, plan: WorkPlan, on_done: On
 @contextlib.contextmanager
 def local_cluster(n_workers: int | None = None, host: str = "127.0.0.1") -> Iterator[tuple[str, int, bool]]:
     """A LocalCluster shared by several runs (``equi demo``): (scheduler address, torch threads per worker, GPUs?)."""
-    import torch
     from distributed import LocalCluster
 
     from flows.dask_shutdown import quiet_cluster_workers
 
-    gpus = torch.cuda.device_count()
-    n = n_workers or (gpus or (os.cpu_count() or 1))
+    n, gpus = machine_workers(n_workers)
     with LocalCluster(**local_cluster_kwargs(n, 1, host, False, gpus)) as cluster:
         try:
             yield cluster.scheduler_address, torch_threads_for(n), bool(gpus)
@@ -103,37 +87,6 @@ def check_cluster(cfg: RunConfig) -> None:
             "cluster.gpu_resources: true asks every task for a GPU, but the local cluster has none (torch sees no "
             "GPU); the tasks would wait forever: remove gpu_resources"
         )
-
-
-def check_scheduler(address: str, timeout_s: float) -> None:
-    """Ask the scheduler at ``address`` who it is, all within ``timeout_s`` (distributed's own connect timeout does
-    not cover its handshake: a port that accepts and never answers would hang it); ConfigError in one line."""
-    with ThreadPoolExecutor(1) as pool:  # a loop of its own, whether or not the caller runs one
-        try:
-            info = pool.submit(asyncio.run, _identity(address, timeout_s)).result()
-        except (TimeoutError, OSError) as e:
-            why = f" ({short_error(e)})" if str(e) else ""
-            raise ConfigError(f"--cluster {address}: no Dask scheduler answered within {timeout_s:g} s{why}") from None
-        except Exception as e:  # noqa: BLE001  (TLS settings, protocol errors: one line)
-            raise ConfigError(f"--cluster {address}: cannot connect ({short_error(e)})") from None
-    if not isinstance(info, dict) or info.get("type") != "Scheduler":
-        kind = info.get("type") if isinstance(info, dict) else type(info).__name__
-        raise ConfigError(f"--cluster {address}: a Dask {kind} answered, not a scheduler")
-
-
-async def _identity(address: str, timeout_s: float) -> Any:
-    from distributed.comm import connect
-    from distributed.security import Security  # TLS certificates from Dask's config (README, Security defaults)
-
-    async def ask() -> Any:
-        comm = await connect(address, timeout=timeout_s, **Security().get_connection_args("client"))
-        try:
-            await comm.write({"op": "identity", "reply": True})
-            return await comm.read()
-        finally:
-            await comm.close()
-
-    return await asyncio.wait_for(ask(), timeout_s)
 
 
 def make_task_runner(cfg: RunConfig, cluster_class: Callable[..., Any] | None = None):
@@ -160,11 +113,12 @@ def execute_with_prefect(
 
     from flows import progress
 
-    cfg = rt.cfg
+    cfg = launch.cfg  # rt.cfg, or the same submitted to the warm cluster of `equi server`
     n_workers, gpus = default_workers(cfg)
     api = launch.open_api()
     launch.announce()
-    announce_cluster(cfg, n_workers)
+    if launch.warm is None:  # the launch named the warm cluster
+        announce_cluster(cfg, n_workers)
     # The local cluster: begun with the launch, or now, in the background, while this process imports Prefect and
     # waits for the API.
     early = None if cfg.cluster.address else (launch.cluster or EarlyCluster(run_cluster_kwargs(cfg)))

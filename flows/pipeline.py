@@ -21,9 +21,10 @@ from equicore.datasets.scan import check_samples
 from flows.execution import OnDone, check_cluster, execute, local_cluster
 from flows.manifest import provenance, write_manifest
 from flows.planning import Outcome, WorkPlan, plan_work
-from flows.prefect_api import choose_api, open_api
+from flows.prefect_api import EQUI_SERVER, choose_api, open_api
 from flows.progress import phase
-from flows.startup import Launch
+from flows.startup import Launch, on_scheduler
+from flows.warm_cluster import recorded_cluster
 from storage.cache import AdversarialCache
 from storage.errors import DiskFullError
 from storage.run_store import RunStore
@@ -74,7 +75,7 @@ def run(
     check_cluster(cfg)  # a scheduler that does not answer fails here, in one line, not after the manifest is written
     # A temporary Prefect API (when the run may need one) starts now, in the background, while the model loads.
     with contextlib.nullcontext(launch) if launch is not None else Launch(cfg) as begun:
-        return _run(cfg, begun, started, on_plan, on_done)
+        return _run(begun.cfg, begun, started, on_plan, on_done)  # begun.cfg: on the warm cluster, if it uses it
 
 
 def _run(
@@ -134,23 +135,19 @@ def run_many(
     cfgs: list[RunConfig], n_workers: int | None = None, runner: Callable[[RunConfig], RunSummary] | None = None
 ) -> Iterator[RunSummary]:
     """Run several configs on ONE LocalCluster and ONE Prefect API (``equi demo``, benchmarks): starting them per
-    run would cost more than a small run. ``runner(cfg)`` runs one config (default :func:`run`). Yields summaries."""
+    run would cost more than a small run; with the results directory's ``equi server`` keeping a warm cluster and
+    ``n_workers`` not given, on that cluster. ``runner(cfg)`` runs one config (default :func:`run`). Yields
+    summaries."""
     runner = runner or run
     results_dirs = {cfg.results_dir for cfg in cfgs}
+    choice = choose_api(results_dirs.pop() if len(results_dirs) == 1 else None)
+    if n_workers is None and choice.source == EQUI_SERVER and recorded_cluster(cfgs[0].results_dir) is not None:
+        yield from map(runner, cfgs)  # each run submits to the warm cluster of `equi server` (flows.startup.Launch)
+        return
     # The API first (a temporary one launched, not waited for), so that it starts while the cluster does.
-    with (
-        open_api(choose_api(results_dirs.pop() if len(results_dirs) == 1 else None)) as api,
-        local_cluster(n_workers) as (address, threads, gpus),
-        api.ready(),
-    ):
+    with open_api(choice) as api, local_cluster(n_workers) as (address, threads, gpus), api.ready():
         for cfg in cfgs:
-            if cfg.cluster.in_process:
-                yield runner(cfg)
-                continue
-            data = cfg.model_dump(mode="json")
-            local = {"n_workers": None, "dashboard": False, "host": "127.0.0.1"}  # sized and bound by the shared one
-            data["cluster"].update(address=address, torch_threads=threads, gpu_resources=gpus, **local)
-            yield runner(RunConfig.model_validate(data))
+            yield runner(cfg if cfg.cluster.in_process else on_scheduler(cfg, address, threads, gpus))
 
 
 # ------------------------------------------------------------------------------------------------- steps of run()

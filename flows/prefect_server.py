@@ -9,6 +9,11 @@ port, API URL) lets ``equi deploy`` find the server the project started earlier;
 process group and removes the file. A state file whose process is gone, or that another host wrote, is stale and
 ignored.
 
+With ``--workers N`` (``equi server start``'s default: a run's own default size), a warm local Dask cluster starts
+beside it (:mod:`flows.warm_cluster`: its own process and session, bound to 127.0.0.1, workers set up as a run's
+own), and the state file records it (:class:`ClusterInfo`); runs of the results directory use it instead of
+starting a cluster. It stops with ``equi server stop``, and by itself when the server's process is gone.
+
 Errors are :class:`ServerError` with a one-line message, for the CLI to print.
 """
 
@@ -25,10 +30,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from equicore.errors import EquirobustError
 from storage.atomic import atomic_write_json
@@ -36,6 +42,9 @@ from storage.atomic import atomic_write_json
 HOST = "127.0.0.1"  # never 0.0.0.0: the API has no authentication
 STATE_FILE = "server.json"
 LOG_FILE = "server.log"
+CLUSTER_LOG = "cluster.log"
+CLUSTER_READY = "cluster.ready.json"  # the warm cluster's process writes its ClusterInfo here once its workers run
+CLUSTER_MODULE = "flows.warm_cluster"
 STARTUP_TIMEOUT_S = float(os.environ.get("EQUI_PREFECT_STARTUP_TIMEOUT_S", "180"))  # a loaded machine is slow
 STOP_TIMEOUT_S = 30.0
 _CLIENT_SETTINGS = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE")
@@ -43,6 +52,20 @@ _CLIENT_SETTINGS = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE")
 
 class ServerError(EquirobustError):
     """The Prefect server cannot be started, found or reached (one line, for the CLI)."""
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """The warm Dask cluster the server keeps (:mod:`flows.warm_cluster`), as its process recorded it."""
+
+    address: str  # its scheduler, on 127.0.0.1
+    pid: int  # the process that owns the scheduler and the workers' nannies (a session of its own)
+    scheduler_id: str  # a run checks that the scheduler answering at ``address`` is this one
+    workers: int
+    gpus: int
+    torch_threads: int  # per worker, as a run's own cluster of that size would have
+    log: str
+    context: dict[str, Any]  # what the workers' results depend on besides a run's config (flows.warm_cluster)
 
 
 @dataclass(frozen=True)
@@ -55,6 +78,7 @@ class ServerInfo:
     log: str
     started_at: str
     started_by: str  # "equi server start" or "equi deploy" (a server deploy stops when it stops)
+    cluster: ClusterInfo | None = None  # the warm Dask cluster (`equi server start --workers N`)
 
 
 def server_dir(results_dir: str | os.PathLike[str]) -> Path:
@@ -95,7 +119,7 @@ def check_port(port: int) -> None:
             ) from None
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, marker: bytes = b"prefect") -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -105,7 +129,7 @@ def _alive(pid: int) -> bool:
     cmdline = Path(f"/proc/{pid}/cmdline")
     if cmdline.exists():  # a reused pid is not our server
         with contextlib.suppress(OSError):
-            return b"prefect" in cmdline.read_bytes()
+            return marker in cmdline.read_bytes()
     return True
 
 
@@ -114,7 +138,9 @@ def read_state(results_dir: str | os.PathLike[str]) -> ServerInfo | None:
     path = server_dir(results_dir) / STATE_FILE
     try:
         data = json.loads(path.read_text())
-        return ServerInfo(**{k: data[k] for k in ServerInfo.__dataclass_fields__})
+        cluster = data.get("cluster")
+        fields = {k: data[k] for k in ServerInfo.__dataclass_fields__ if k != "cluster"}
+        return ServerInfo(**fields, cluster=ClusterInfo(**cluster) if cluster else None)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -127,6 +153,11 @@ def running_server(results_dir: str | os.PathLike[str]) -> ServerInfo | None:
     if info is None or info.host != socket.gethostname() or not _alive(info.pid):
         return None
     return info
+
+
+def cluster_alive(cluster: ClusterInfo) -> bool:
+    """Whether the warm cluster's process still runs (it may have died while the server lives)."""
+    return _alive(cluster.pid, CLUSTER_MODULE.encode())
 
 
 @contextlib.contextmanager
@@ -148,8 +179,11 @@ def start_server(
     *,
     started_by: str = "equi server start",
     timeout_s: float = STARTUP_TIMEOUT_S,
+    workers: int = 0,
+    gpus: int = 0,
 ) -> tuple[ServerInfo, bool]:
-    """Start the results directory's server, or find it running: (info, started now?)."""
+    """Start the results directory's server, or find it running: (info, started now?). ``workers`` > 0: with a warm
+    Dask cluster of that many workers (``gpus``: the GPUs they share out, one each), started at the same time."""
     directory = server_dir(results_dir)
     with _state_lock(directory):
         if (info := running_server(results_dir)) is not None:
@@ -174,6 +208,7 @@ def start_server(
             PREFECT_SERVER_API_HOST=HOST,
             PREFECT_SERVER_API_PORT=str(port),
         )
+        api_url = f"http://{HOST}:{port}/api"
         cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)]
         with open(log, "ab") as out:
             out.write(f"\n--- {_now()}: {' '.join(cmd)}\n".encode())
@@ -187,11 +222,14 @@ def start_server(
                 start_new_session=True,  # its own process group: a terminal's Ctrl-C does not reach it
                 cwd=str(directory),
             )
-        api_url = f"http://{HOST}:{port}/api"
+        cluster_proc = _launch_cluster(directory, api_url, proc.pid, workers, gpus) if workers else None
         try:
-            _wait_until_up(proc, api_url, log, timeout_s)
+            _wait_for(proc, lambda: api_error(api_url, timeout_s=2.0) is None, "the Prefect server", log, timeout_s)
+            cluster = _wait_for_cluster(cluster_proc, directory, timeout_s) if cluster_proc else None
         except BaseException:
-            _stop_group(proc.pid)
+            for started in (cluster_proc, proc):
+                if started is not None:
+                    _stop_group(started.pid)
             raise
         info = ServerInfo(
             pid=proc.pid,
@@ -202,20 +240,24 @@ def start_server(
             log=str(log.resolve()),
             started_at=_now(),
             started_by=started_by,
+            cluster=cluster,
         )
         atomic_write_json(directory / STATE_FILE, asdict(info))
         return info, True
 
 
 def stop_server(results_dir: str | os.PathLike[str], *, only_pid: int | None = None) -> ServerInfo | None:
-    """Stop the results directory's server (SIGTERM to its process group, SIGKILL after 30 s) and remove its state
-    file; the one stopped, or None when none was running. ``only_pid``: stop it only if it is that process."""
+    """Stop the results directory's server (SIGTERM to its process group, SIGKILL after 30 s; its warm cluster
+    first) and remove its state file; the one stopped, or None when none was running. ``only_pid``: stop it only if
+    it is that process."""
     directory = server_dir(results_dir)
     with _state_lock(directory):
         info = running_server(results_dir)
         if only_pid is not None and (info is None or info.pid != only_pid):
             return None
         if info is not None:
+            if info.cluster is not None and cluster_alive(info.cluster):
+                _stop_group(info.cluster.pid)
             _stop_group(info.pid)
         with contextlib.suppress(FileNotFoundError):
             (directory / STATE_FILE).unlink()
@@ -232,12 +274,13 @@ def _stop_group(pid: int) -> None:
         while time.monotonic() < deadline:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)  # reap it when it is our child (started by this process)
-            if not _exists(pid):
+            if not process_exists(pid):
                 return
             time.sleep(0.1)
 
 
-def _exists(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
+    """Whether process ``pid`` exists (a zombie does not count)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -250,20 +293,46 @@ def _exists(pid: int) -> bool:
     return True
 
 
-def _wait_until_up(proc: subprocess.Popen, api_url: str, log: Path, timeout_s: float) -> None:
+def _launch_cluster(directory: Path, api_url: str, server_pid: int, workers: int, gpus: int) -> subprocess.Popen:
+    """The warm cluster's process (:mod:`flows.warm_cluster`), in this working directory and environment (those a
+    run's own workers would inherit from a run started here), its workers reporting to the server's API."""
+    (directory / CLUSTER_READY).unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in _CLIENT_SETTINGS}
+    env.update(PREFECT_API_URL=api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    # As a run's own workers (`equi run` without --verbose): a log of warnings and errors, not a line per task.
+    env.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    env.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    cmd = [sys.executable, "-m", CLUSTER_MODULE, "--server-pid", str(server_pid), "--workers", str(workers)]
+    cmd += ["--gpus", str(gpus), "--ready", str((directory / CLUSTER_READY).resolve())]
+    with open(directory / CLUSTER_LOG, "ab") as out:
+        out.write(f"\n--- {_now()}: {' '.join(cmd)}\n".encode())
+        out.flush()
+        return subprocess.Popen(  # noqa: S603  (our interpreter, fixed arguments)
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+
+def _wait_for_cluster(proc: subprocess.Popen, directory: Path, timeout_s: float) -> ClusterInfo:
+    ready = directory / CLUSTER_READY
+    _wait_for(proc, ready.exists, "the warm Dask cluster", directory / CLUSTER_LOG, timeout_s)
+    info = ClusterInfo(**json.loads(ready.read_text()))
+    ready.unlink()
+    return info
+
+
+def _wait_for(proc: subprocess.Popen, is_up: Callable[[], bool], what: str, log: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise ServerError(
-                f"the Prefect server exited during startup (exit code {proc.returncode}): {_last_line(log)} "
-                f"(log: {log})"
+                f"{what} exited during startup (exit code {proc.returncode}): {_last_line(log)} (log: {log})"
             )
-        if api_error(api_url, timeout_s=2.0) is None:
+        if is_up():
             return
         time.sleep(0.5)
     raise ServerError(
-        f"the Prefect server did not answer at {api_url} within {timeout_s:g} s (raise EQUI_PREFECT_STARTUP_TIMEOUT_S "
-        f"on a slow machine; log: {log})"
+        f"{what} did not start within {timeout_s:g} s (raise EQUI_PREFECT_STARTUP_TIMEOUT_S on a slow machine; "
+        f"log: {log})"
     )
 
 

@@ -10,6 +10,9 @@ engine.
   flow's task runner takes the running cluster.
 - :func:`small_run_reason`: when neither the config nor a flag chose where the run executes, a run that a cluster
   could not make faster runs in this process instead (README, "Where a run executes").
+- The warm cluster: when neither chose it either and the run uses the results directory's ``equi server``, the run
+  submits to the Dask cluster that server keeps (:mod:`flows.warm_cluster`) as it would to ``--cluster ADDRESS``,
+  and leaves it running.
 """
 
 from __future__ import annotations
@@ -21,17 +24,12 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from flows.prefect_api import ApiChoice, RunApi, choose_api, open_api
+from flows.cluster_setup import local_cluster_kwargs, machine_workers
+from flows.prefect_api import EQUI_SERVER, ApiChoice, RunApi, choose_api, open_api
+from flows.prefect_server import ClusterInfo
 from flows.progress import phase
-from tasks.config import ClusterConfig, RunConfig
-
-# A task on a worker that dies (SIGKILL, OOM, preemption) is rescheduled on another worker up to this many times
-# before Dask gives up on it (KilledWorker); set explicitly so a user's Dask config of 0 cannot turn it off.
-ALLOWED_WORKER_DEATHS = 3
-# Imported by every local worker as it starts (torch, the engine, the task wrappers): the first task does not wait.
-WORKER_PRELOAD = ["flows.worker_preload"]
-# Starts the workers without Dask's MALLOC_TRIM_THRESHOLD_, which halves torch's CPU speed (see the module).
-WORKER_NANNY = "flows.dask_nanny.TorchNanny"
+from flows.warm_cluster import warm_cluster
+from tasks.config import LOCALHOST, ClusterConfig, RunConfig
 
 # The cluster fields that choose where a run executes, or shape a local cluster: any of them away from its default
 # means the user asked for that, and the automatic choice stays out of the way.
@@ -65,30 +63,8 @@ def small_run_reason(cluster: ClusterConfig, n_workers: int, n_units: int | None
 
 
 def default_workers(cfg: RunConfig) -> tuple[int, int]:
-    """(workers, GPUs): one worker per GPU, else one per core (each single-threaded)."""
-    import torch
-
-    gpus = torch.cuda.device_count() if cfg.device in ("auto", "cuda") else 0
-    n = cfg.cluster.n_workers or (gpus or (os.cpu_count() or 1))
-    return n, gpus
-
-
-def local_cluster_kwargs(n_workers: int, threads_per_worker: int, host: str, dashboard: bool, gpus: int) -> dict:
-    """LocalCluster's arguments for a run's own cluster and the shared one of ``equi demo``."""
-    kwargs: dict[str, Any] = {
-        "n_workers": n_workers,
-        "threads_per_worker": threads_per_worker,
-        "processes": True,
-        "host": host,
-        "dashboard_address": (f"[{host}]:8787" if ":" in host else f"{host}:8787") if dashboard else None,
-        "preload": list(WORKER_PRELOAD),
-        "worker_class": WORKER_NANNY,
-        # Not left to Dask's config: an EarlyCluster's scheduler is created in another thread than the run's settings.
-        "scheduler_kwargs": {"allowed_failures": ALLOWED_WORKER_DEATHS},
-    }
-    if gpus:
-        kwargs["resources"] = {"GPU": 1}
-    return kwargs
+    """(workers, GPUs) of the run's local cluster: one worker per GPU, else one per core (each single-threaded)."""
+    return machine_workers(cfg.cluster.n_workers, cfg.device in ("auto", "cuda"))
 
 
 def run_cluster_kwargs(cfg: RunConfig) -> dict[str, Any]:
@@ -96,6 +72,16 @@ def run_cluster_kwargs(cfg: RunConfig) -> dict[str, Any]:
     n_workers, gpus = default_workers(cfg)
     c = cfg.cluster
     return local_cluster_kwargs(n_workers, c.threads_per_worker, c.host, c.dashboard, gpus)
+
+
+def on_scheduler(cfg: RunConfig, address: str, torch_threads: int | None, gpus: bool) -> RunConfig:
+    """``cfg`` submitted to the scheduler at ``address`` (a cluster shared by several runs, or the warm one), each
+    task on ``torch_threads`` threads and, with ``gpus``, a GPU of its own; what it computes (its run id) is the
+    same."""
+    data = cfg.model_dump(mode="json")
+    local = {"n_workers": None, "dashboard": False, "host": LOCALHOST}  # sized and bound by that cluster
+    data["cluster"].update(address=address, torch_threads=torch_threads, gpu_resources=gpus, **local)
+    return RunConfig.model_validate(data)
 
 
 def known_worker_count(cfg: RunConfig) -> int | None:
@@ -189,7 +175,8 @@ class Launch:
     importing the engine): the Prefect API is chosen, and a temporary one launched in the background. The pipeline
     starts the local cluster once the run has passed its checks (:meth:`start_cluster`); then
     :func:`flows.execution.execute` decides where the plan runs (:meth:`small_run_reason`), and waits for the API
-    only as the flow begins. Leaving the block stops whatever still runs."""
+    only as the flow begins. Leaving the block stops whatever still runs. A run that goes to the warm cluster of
+    ``equi server`` runs :attr:`cfg`, which names that cluster's scheduler."""
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -197,6 +184,8 @@ class Launch:
         self.api: RunApi | None = None
         self.hint: int | None = None  # units the run will compute, as its manifest tells (:func:`units_hint`)
         self.cluster: EarlyCluster | None = None  # started by start_cluster, when the run will surely need one
+        self.warm: ClusterInfo | None = None  # the warm cluster of `equi server` the run submits to
+        self.warm_note: str | None = None  # why that cluster is not used
         self._announced = False
         self._stack = contextlib.ExitStack()
 
@@ -205,6 +194,11 @@ class Launch:
         if cfg.cluster.in_process:
             return self
         self.choice = choose_api(cfg.results_dir)
+        if self.choice.source == EQUI_SERVER and not chosen_by_user(cfg.cluster):
+            self.warm, self.warm_note = warm_cluster(cfg)
+            if self.warm is not None:
+                threads = cfg.cluster.torch_threads or self.warm.torch_threads
+                self.cfg = cfg = on_scheduler(cfg, self.warm.address, threads, bool(self.warm.gpus))
         self.hint = units_hint(cfg)
         if self.hint == 0:
             return self  # most likely nothing to compute (:func:`flows.execution.execute` starts what a repair needs)
@@ -231,13 +225,18 @@ class Launch:
         self.close()
 
     def announce(self) -> None:
-        """Say (once) which Prefect API the run uses, through the progress display."""
+        """Say (once) which Prefect API the run uses, and whether it uses the warm cluster of ``equi server``,
+        through the progress display."""
         if self._announced or self.api is None:
             return
         self._announced = True
         if self.choice is not None and self.choice.note:
             phase(f"{self.choice.note}: a temporary Prefect API instead")
         phase(self.api.describe())
+        if self.warm is not None:
+            phase(f"using the warm Dask cluster of `equi server`: {self.warm.workers} worker(s) at {self.warm.address}")
+        elif self.warm_note:
+            phase(f"{self.warm_note}; this run starts a local cluster of its own")
 
     def small_run_reason(self, n_workers: int, n_units: int | None) -> str | None:
         keeps_runs = self.choice is not None and self.choice.keeps_runs

@@ -1,5 +1,5 @@
 """What every local Dask worker imports when it starts (Dask's ``preload``, see
-:func:`flows.startup.local_cluster_kwargs`), so that its first task does not pay for it: torch, the engine, the
+:func:`flows.cluster_setup.local_cluster_kwargs`), so that its first task does not pay for it: torch, the engine, the
 shard steps and the Prefect task wrappers (with Prefect's task engine). A worker of a cluster started ahead of the
 flow imports them while this process still loads the model and waits for the Prefect API.
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,10 +171,6 @@ def get_runtime(cfg_json: str, torch_threads: int | None = None) -> Runtime:
 def plan_shards(indices: list[int], shard_size: int) -> list[list[int]]:
     """Consecutive slices: the same shards for the same config whatever the worker count."""
     return [indices[i : i + shard_size] for i in range(0, len(indices), shard_size)]
-
-
-def torch_threads_for(n_workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, n_workers))
 
 
 def to_numpy_images(x: torch.Tensor) -> np.ndarray:

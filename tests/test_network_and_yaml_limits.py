@@ -8,8 +8,9 @@ import pytest
 import yaml
 from distributed import LocalCluster
 
-from flows.execution import check_scheduler, make_task_runner
+from flows.execution import make_task_runner
 from flows.run_options import apply_overrides, exposure_warning
+from flows.scheduler_check import check_scheduler
 from tasks.config import ConfigError, load_config, parse_config
 from tasks.config_checks import check_scheduler_address, is_loopback, without_network
 from tasks.config_yaml import MAX_DEPTH, parse_yaml

@@ -20,8 +20,12 @@ DOCUMENTS = (("RESULTS", "results"), ("TUNING", "tuning"))
 PLACEHOLDER = re.compile(r"^\{\{table (?P<page>[^|]+?) \| (?P<heading>.+?)\}\}$")
 
 
+IMAGE = re.compile(r"!\[(?P<alt>[^\]]*)\]\((?P<src>[^)/:]+)\)")
+
+
 def section(page: Path, heading: str) -> str:
-    """The block under ``### heading`` in a generated page, up to the next heading, as bold title + table."""
+    """The block under ``### heading`` in a generated page, up to the next heading, as bold title + table; images
+    it shows keep pointing at the page's folder."""
     lines = page.read_text().splitlines()
     try:
         start = lines.index(f"### {heading}")
@@ -32,7 +36,8 @@ def section(page: Path, heading: str) -> str:
         if line.startswith("#"):
             break
         body.append(line)
-    return "\n".join([f"**{heading}**", *body]).rstrip()
+    text = "\n".join([f"**{heading}**", *body]).rstrip()
+    return IMAGE.sub(lambda m: f"![{m['alt']}]({page.parent.name}/{m['src']})", text)
 
 
 def render(template: Path, pages: Path) -> str:

@@ -8,7 +8,7 @@ on the thread count.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -94,3 +94,27 @@ def pipeline_reference(tmp_path_factory: pytest.TempPathFactory) -> list[tuple]:
     summary = pipeline.run(cfg)
     assert summary.ok and summary.computed == 2 * 2 * 4
     return table_rows(cfg.results_dir, cfg.run_id())
+
+
+# ---------------------------------------------------------------------------------------------- run start-up
+@pytest.fixture
+def phases() -> Iterator[list[str]]:
+    """The start-up phases a run announces (flows.progress)."""
+    from flows import progress
+
+    seen: list[str] = []
+    progress.PHASE[0] = seen.append
+    try:
+        yield seen
+    finally:
+        progress.PHASE[0] = None
+
+
+@pytest.fixture
+def no_configured_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Prefect API configured outside the test: a run chooses its API by itself."""
+    from flows.prefect_api import configured_api_url
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    if configured_api_url():
+        pytest.skip("the active Prefect profile names a server: every run would use it")

@@ -7,13 +7,12 @@ from __future__ import annotations
 import os
 import pickle
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from flows import pipeline, progress
+from flows import pipeline
 from flows import prefect_api as A
 from flows import prefect_server as S
 from flows.startup import EarlyCluster, Launch, chosen_by_user, run_cluster_kwargs, small_run_reason
@@ -28,24 +27,6 @@ def _one_unit_config(tmp: Path, cluster: dict[str, Any], name: str = "startup") 
     cfg = tiny_config(tmp, name=name, cluster=cluster, **ONE_UNIT)
     cfg["dataset"]["limit"] = 5
     return cfg
-
-
-@pytest.fixture
-def phases() -> Iterator[list[str]]:
-    """The start-up phases a run announces."""
-    seen: list[str] = []
-    progress.PHASE[0] = seen.append
-    try:
-        yield seen
-    finally:
-        progress.PHASE[0] = None
-
-
-@pytest.fixture
-def no_configured_api(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    if A.configured_api_url():
-        pytest.skip("the active Prefect profile names a server: every run would use it")
 
 
 # ---------------------------------------------------------------------------------------------- the small-run rule

@@ -20,7 +20,7 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
-from flows import pipeline, progress, startup
+from flows import pipeline, startup
 from flows import prefect_api as A
 from flows import prefect_server as S
 from flows import warm_cluster as W
@@ -38,23 +38,6 @@ def _config(tmp: Path, name: str, results: Path, **cluster: Any) -> dict:
     cfg["dataset"]["limit"] = 10
     cfg["results_dir"] = str(results)
     return cfg
-
-
-@pytest.fixture
-def phases() -> Iterator[list[str]]:
-    seen: list[str] = []
-    progress.PHASE[0] = seen.append
-    try:
-        yield seen
-    finally:
-        progress.PHASE[0] = None
-
-
-@pytest.fixture
-def no_configured_api(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    if A.configured_api_url():
-        pytest.skip("the active Prefect profile names a server: every run would use it")
 
 
 def _stop(results: Path, server: S.ServerInfo) -> S.ServerInfo | None:

@@ -12,8 +12,11 @@ Each repetition runs three fresh ``equi run`` processes, interleaved (the order 
   the end), so the run submits to its warm cluster;
 - **cold**: ``--workers N`` with no server: the run starts a temporary Prefect API.
 
-Every run has a cache directory and a run name of its own, so nothing is cached or already done: the warm runs share
-the server's results directory (that is how a run finds the server), the others get fresh ones. The runs' results
+A warm-up round of the three modes runs first, untimed (``--warmup``): the first process of a bench pays for cold
+file caches and, on the warm cluster, its workers' first run (each builds the runtime and imports what a task
+imports lazily); the nightly set-up runs many configs on the same warm workers. Every run has a cache directory and
+a run name of its own, so nothing is cached or already done: the warm runs share the server's results directory
+(that is how a run finds the server), the others get fresh ones. The runs' results
 tables are compared (in process and Dask must agree exactly). Times are wall seconds of the whole process, Python's
 start-up and imports included, as a user sees them.
 
@@ -103,6 +106,12 @@ def run_id_of(output: str) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--reps", type=int, default=2, help="repetitions of the three modes (medians are reported)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed rounds of the three modes first (file caches, compiled bytecode, the warm workers' first run)",
+    )
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--steps", type=int, default=0, help="cap on attack and defense steps (0: the demo's own)")
     p.add_argument("--workers", type=int, default=2, help="local Dask workers of the warm and cold runs")
@@ -110,6 +119,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--code", type=Path, default=REPO, help="checkout whose code the runs use")
     p.add_argument("--json", dest="json_out", default=None)
     args = p.parse_args(argv)
+    if args.reps < 1 or args.warmup < 0 or args.images < 1 or args.workers < 1:
+        p.error("--reps, --images and --workers must be >= 1, --warmup >= 0")
     code = args.code.resolve()
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="equi-overhead-") as tmp_name:
@@ -118,10 +129,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # A checkout from before the warm cluster (--code) gets a server without one, as `equi server start` had.
         workers = args.workers if (code / "flows" / "warm_cluster.py").exists() else 0
         with long_lived_server(warm_results, workers, cwd=code) as server:
-            for rep in range(args.reps):
+            for rep in range(-args.warmup, args.reps):  # negative: a warm-up round, printed, not counted
                 order = MODES[rep % 3 :] + MODES[: rep % 3]
                 for mode in order:
-                    name = f"overhead-{mode.replace('_', '-')}-{rep}"
+                    name = f"overhead-{mode.replace('_', '-')}-{rep if rep >= 0 else f'warmup{-rep}'}"
                     config = tmp / f"{name}.yaml"
                     steps = args.steps or None
                     config.write_text(yaml.safe_dump(workload(args.config, args.images, steps, name)))
@@ -134,16 +145,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     run = {"rep": rep, "mode": mode, "seconds": seconds, "run_id": run_id, "used_server": used_server}
                     runs.append({**run, "used_warm_cluster": used_warm})
                     runs[-1]["table"] = table(results, run_id)
-                    print(f"rep {rep} {mode:<10} {seconds:7.1f} s  ({run_id})", flush=True)
+                    which = f"rep {rep}" if rep >= 0 else "warm-up"
+                    print(f"{which} {mode:<10} {seconds:7.1f} s  ({run_id})", flush=True)
     tables = {json.dumps(r.pop("table")) for r in runs}
-    median = {m: statistics.median(r["seconds"] for r in runs if r["mode"] == m) for m in MODES}
+    timed = [r for r in runs if r["rep"] >= 0]
+    median = {m: statistics.median(r["seconds"] for r in timed if r["mode"] == m) for m in MODES}
     ratio = median["warm"] / median["in_process"]
     cold_startup = median["cold"] - median["in_process"]
     warm_used = all(r["used_server"] for r in runs if r["mode"] == "warm")
     warm_cluster = all(r["used_warm_cluster"] for r in runs if r["mode"] == "warm")
     print(
         f"workload: {args.config.name}, {args.images} images, steps capped at {args.steps or 'the demo values'}; "
-        f"{args.workers} workers; {args.reps} repetition(s); code {code}"
+        f"{args.workers} workers; {args.reps} repetition(s) after {args.warmup} warm-up round(s); code {code}"
     )
     for m in MODES:
         print(f"median {m:<10} {median[m]:7.1f} s")

@@ -19,7 +19,8 @@ from typing import Any
 from storage.cache import AdversarialCache
 from storage.run_store import RunStore
 from tasks.config import RunConfig
-from tasks.units import AttackSpec, RunUnits, UnitSpec
+from tasks.unit_cost import attack_passes, measure_passes, pair_passes
+from tasks.units import RunUnits, UnitSpec
 
 
 @dataclass(frozen=True)
@@ -29,47 +30,6 @@ class PlanRow:
     shards_to_compute: int
     passes_per_image: float
     passes_to_compute: float
-
-
-def _views(defense: Any) -> int:
-    views = getattr(defense, "views", None)
-    if views is None:
-        return 1
-    from equicore.transforms import build_views
-
-    return len(build_views(views))
-
-
-def defense_passes(defense: Any) -> float:
-    """Image passes of one purification of one image: steps (and any extra evaluations of the objective) x (the
-    image + its views); 1 for a single forward."""
-    if defense is None or not getattr(defense, "optimizes_at_test_time", False):
-        return 1.0
-    per_step = 4 if getattr(defense, "kind", "") == "rotation" else _views(defense) + 1
-    # Early stopping / best-iterate return may evaluate the objective again (an upper bound: stops are not counted).
-    evaluations = getattr(defense, "objective_evaluations", None)
-    return float((evaluations() if evaluations is not None else defense.steps) * per_step)
-
-
-def attack_passes(spec: AttackSpec) -> float:
-    """Image passes of one attack of one image (an upper bound: early stops are not counted)."""
-    from equicore.attacks import build_attack
-
-    attack = build_attack(spec.attack.name, **spec.attack.params())
-    if attack.optimizer == "square":
-        return float(attack.n_queries)  # forward passes only
-    targets = attack.n_target_classes if attack.target == "top" else 1
-    per_step = 1.0 + (defense_passes(spec.target_defense) if attack.defense_aware else 0.0)
-    return float(attack.steps * attack.n_restarts * targets * attack.eot) * per_step
-
-
-def measure_passes(cfg: RunConfig) -> float:
-    """Passes of one equivariance measure of one image (the image and each of its views)."""
-    if not cfg.measure.enabled:
-        return 0.0
-    from equicore.transforms import build_views
-
-    return float(len(build_views(cfg.measure.views)) + 1)
 
 
 def entry_labels(cfg: RunConfig) -> tuple[list[str], list[str]]:
@@ -100,11 +60,10 @@ def plan_rows(cfg: RunConfig, units: RunUnits, shard_sizes: list[int]) -> list[P
     for pair in units.pairs:
         pair_spec: UnitSpec = pair
         done = [store.shard_path(pair.attack_key, pair.defense_key, s).exists() for s in range(units.n_shards)]
-        # "after" unless the defense returns its input (vanilla reuses "before"); "before" once per input images
-        before = measure if pair.measure_key is not None and pair.measure_key not in measured else 0.0
+        # "before" once per input images (shared by the pairs of those images)
+        before = pair.measure_key is not None and pair.measure_key not in measured
         measured.add(pair.measure_key)
-        after = 0.0 if pair.defense.name == "vanilla" else measure
-        per_image = defense_passes(pair_spec.defense_spec) * pair_spec.eval_draws + before + after
+        per_image = pair_passes(pair_spec, measure, measures_before=before)
         todo = sum(n for n, d in zip(shard_sizes, done, strict=True) if not d)
         label = f"attack {attack_label[pair.attack_index]} / defense {defense_label[pair.defense_index]}"
         rows.append(PlanRow(label, sum(done), done.count(False), per_image, per_image * todo))

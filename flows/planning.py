@@ -29,10 +29,19 @@ class WorkPlan(BaseModel):
     n_shards: int
     total_defend: int
     repaired: list[str] = Field(default_factory=list)  # damaged files found by their checksums, to be regenerated
+    # Dask priority per unit (higher first; :func:`tasks.unit_cost.submission_priorities`); none: the plan's order.
+    priorities: SkipValidation[dict[AttackUnit | DefendUnit, int]] = Field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
         return not self.attack_units and not self.defend_units
+
+    def prioritised(self, shard_sizes: list[int], measure: float) -> WorkPlan:
+        """The same plan with the cluster's priorities: the longest chain of work first."""
+        from tasks.unit_cost import submission_priorities
+
+        ranks = submission_priorities(self.attack_units, self.defend_units, shard_sizes, measure)
+        return self.model_copy(update={"priorities": ranks})
 
     @model_serializer
     def _counts(self) -> dict[str, Any]:

@@ -17,6 +17,11 @@ at the configs' eps (8/255, so eps_v = 12/255), as the pipeline resolves it.
 - Rounds: per round and model, sgemm, purify plain, purify optimized, interleaved so that load from other jobs hits
   all of them alike; ``--rounds`` (3) rounds, medians reported.
 
+- The model passes alone: the feature extractor on inputs of the shapes one purify call fed it (recorded during the
+  FLOP count), forward and backward w.r.t. the input, nothing else (no views, objective, noise or update), timed in
+  the same rounds. Its efficiency is the bound of any implementation of the defense with this model and this
+  convolution library; "purify reaches" = its seconds / purify's seconds.
+
 efficiency = (FLOPs / median purify seconds) / median sgemm FLOP/s; speed-up = plain seconds / optimized seconds.
 The last line printed is ``efficiency=<ratio>``, the ``drn_tiny_seg`` OPTIMIZED-graph efficiency.
 
@@ -58,6 +63,8 @@ class Setting:
     batch: int
     flops: int = 0
     seconds: list[float] = field(default_factory=list)
+    passes_seconds: list[float] = field(default_factory=list)  # the model passes alone (Case.passes_alone)
+    passes_flops: float = 0.0
 
     @property
     def median_s(self) -> float:
@@ -93,9 +100,41 @@ class Case:
         return out, time.perf_counter() - t0
 
     def count_flops(self) -> tuple[int, torch.Tensor]:
-        with FlopCounterMode(display=False) as counter:
-            out, _ = self.purify()
+        """FLOPs of one purify call (also the warm-up); records the batch shapes its model passes see."""
+        adapter = self.rt.adapter
+        features = adapter.features
+        self.pass_shapes: list[tuple[int, ...]] = []
+
+        def recording(x: torch.Tensor) -> torch.Tensor:
+            self.pass_shapes.append(tuple(x.shape))
+            return features(x)
+
+        adapter.features = recording  # type: ignore[method-assign]
+        try:
+            with FlopCounterMode(display=False) as counter:
+                out, _ = self.purify()
+        finally:
+            del adapter.features  # the class's method again
         return counter.get_total_flops(), out
+
+    def passes_alone(self) -> tuple[float, float]:
+        """The model passes of one purify call and nothing else: the same feature extractor on inputs of the same
+        shapes, forward and backward w.r.t. the input, no views, objective or update. Seconds and FLOPs: the bound any
+        implementation of the defense reaches with this model and convolution library."""
+        g = torch.Generator().manual_seed(0)
+        inputs = [torch.rand(shape, generator=g) for shape in self.pass_shapes]
+
+        def run() -> None:
+            for x in inputs:
+                leaf = x.clone().requires_grad_(True)
+                # through one op, as purify's passes are (the views are computed from the image, never leaves)
+                torch.autograd.grad(self.rt.adapter.features(leaf * 1.0).sum(), leaf)
+
+        with FlopCounterMode(display=False) as counter:
+            run()
+        t0 = time.perf_counter()
+        run()
+        return time.perf_counter() - t0, float(counter.get_total_flops())
 
 
 def sgemm_flops_per_s(n: int, repeats: int) -> float:
@@ -134,6 +173,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             sgemm.append(sgemm_flops_per_s(args.mm_size, args.mm_repeats))
             for graph in GRAPHS:
                 settings[(model, graph)].seconds.append(cases[(model, graph)].purify()[1])
+                seconds, flops = cases[(model, graph)].passes_alone()
+                settings[(model, graph)].passes_seconds.append(seconds)
+                settings[(model, graph)].passes_flops = flops
     peak = statistics.median(sgemm)
     summary: dict[str, Any] = {
         "torch": torch.__version__,
@@ -153,6 +195,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "efficiency": s.gflops * 1e9 / peak,
             "speedup_vs_plain": plain.median_s / s.median_s,
             "max_abs_diff_vs_plain": float((outputs[(model, graph)] - outputs[(model, "plain")]).abs().max()),
+            "passes_median_s": statistics.median(s.passes_seconds),
+            "passes_efficiency": s.passes_flops / statistics.median(s.passes_seconds) / peak,
+            "purify_vs_passes": statistics.median(s.passes_seconds) / s.median_s,
             "close_fraction_vs_plain": float(
                 ((outputs[(model, graph)] - outputs[(model, "plain")]).abs() <= CLOSE).float().mean()
             ),
@@ -186,6 +231,14 @@ def report(s: dict[str, Any]) -> str:
         f"(speed-up: plain s / this setting's s; max|diff| and agree: the purified images against the plain graph's, "
         f"largest pixel difference and pixels within {CLOSE:g})"
     )
+    lines.append("the model passes of one purify alone (same input shapes, forward + backward, nothing else):")
+    lines.append(f"{'model':<14}{'graph':<11}{'s/call':>9}{'efficiency':>12}{'purify reaches':>16}")
+    for r in s["settings"]:
+        lines.append(
+            f"{r['model']:<14}{r['graph']:<11}{r['passes_median_s']:>9.2f}{r['passes_efficiency']:>12.3f}"
+            f"{100 * r['purify_vs_passes']:>15.1f}%"
+        )
+    lines.append("(purify reaches: passes-alone seconds / purify seconds; the rest is the views, objective and update)")
     return "\n".join(lines)
 
 

@@ -2,9 +2,12 @@
 
     python -m bench.pipeline_overhead                 # 2 repetitions: the fashion demo config on 16 images
     python -m bench.pipeline_overhead --reps 3 --json out.json
-    python -m bench.pipeline_overhead --code DIR      # the runs use another checkout's code (before / after)
+    python -m bench.pipeline_overhead --code DIR      # the runs use another checkout's code
+    python -m bench.pipeline_overhead --code BEFORE --code .   # both checkouts, interleaved in one run
 
-Each repetition runs three fresh ``equi run`` processes, interleaved (the order rotates with the repetition):
+Each repetition runs three fresh ``equi run`` processes, interleaved (the order rotates with the repetition); with
+several ``--code`` checkouts, each mode runs once per checkout, one after the other (that order rotates too), and
+each checkout has a server and warm workers of its own:
 
 - **in process**: ``--in-process``;
 - **warm**: while a long-lived ``equi server`` with N warm Dask workers runs for the results directory (the nightly
@@ -28,6 +31,7 @@ minus in process). Targets of the issue: warm <= 1.15x, cold start-up <= 15 s. T
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -116,56 +120,90 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=0, help="cap on attack and defense steps (0: the demo's own)")
     p.add_argument("--workers", type=int, default=2, help="local Dask workers of the warm and cold runs")
     p.add_argument("--config", type=Path, default=DEMO)
-    p.add_argument("--code", type=Path, default=REPO, help="checkout whose code the runs use")
+    p.add_argument(
+        "--code",
+        type=Path,
+        action="append",
+        default=None,
+        help="checkout whose code the runs use (default this one); repeat it to compare checkouts in one run",
+    )
     p.add_argument("--json", dest="json_out", default=None)
     args = p.parse_args(argv)
     if args.reps < 1 or args.warmup < 0 or args.images < 1 or args.workers < 1:
         p.error("--reps, --images and --workers must be >= 1, --warmup >= 0")
-    code = args.code.resolve()
+    codes = [c.resolve() for c in (args.code or [REPO])]
+    if len(set(codes)) != len(codes):
+        p.error("--code: each checkout once")
     runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="equi-overhead-") as tmp_name:
+    with tempfile.TemporaryDirectory(prefix="equi-overhead-") as tmp_name, contextlib.ExitStack() as stack:
         tmp = Path(tmp_name)
-        warm_results = tmp / "warm-results"
-        # A checkout from before the warm cluster (--code) gets a server without one, as `equi server start` had.
-        workers = args.workers if (code / "flows" / "warm_cluster.py").exists() else 0
-        with long_lived_server(warm_results, workers, cwd=code) as server:
-            for rep in range(-args.warmup, args.reps):  # negative: a warm-up round, printed, not counted
-                order = MODES[rep % 3 :] + MODES[: rep % 3]
-                for mode in order:
-                    name = f"overhead-{mode.replace('_', '-')}-{rep if rep >= 0 else f'warmup{-rep}'}"
+        servers = {}
+        for c, code in enumerate(codes):
+            # A checkout from before the warm cluster gets a server without one, as `equi server start` had.
+            workers = args.workers if (code / "flows" / "warm_cluster.py").exists() else 0
+            warm_results = tmp / f"warm-results-{c}"
+            server = stack.enter_context(long_lived_server(warm_results, workers, cwd=code))
+            servers[c] = (server, warm_results, workers)
+        for rep in range(-args.warmup, args.reps):  # negative: a warm-up round, printed, not counted
+            for mode in MODES[rep % 3 :] + MODES[: rep % 3]:
+                order = list(range(len(codes)))
+                for c in order[rep % len(codes) :] + order[: rep % len(codes)]:
+                    server, warm_results, workers = servers[c]
+                    tag = f"{rep}" if rep >= 0 else f"warmup{-rep}"
+                    name = f"overhead-{mode.replace('_', '-')}-{tag}" + (f"-code{c}" if len(codes) > 1 else "")
                     config = tmp / f"{name}.yaml"
-                    steps = args.steps or None
-                    config.write_text(yaml.safe_dump(workload(args.config, args.images, steps, name)))
+                    config.write_text(yaml.safe_dump(workload(args.config, args.images, args.steps or None, name)))
                     results = warm_results if mode == "warm" else tmp / f"{name}-results"
                     flags = run_flags(mode, args.workers, warm_cluster=bool(workers))
-                    seconds, output = timed_run(code, config, results, tmp / f"{name}-cache", flags)
+                    seconds, output = timed_run(codes[c], config, results, tmp / f"{name}-cache", flags)
                     run_id = run_id_of(output)
-                    used_server = server.api_url in output and "equi server" in output
-                    used_warm = "using the warm Dask cluster of `equi server`" in output
-                    run = {"rep": rep, "mode": mode, "seconds": seconds, "run_id": run_id, "used_server": used_server}
-                    runs.append({**run, "used_warm_cluster": used_warm})
-                    runs[-1]["table"] = table(results, run_id)
+                    runs.append(
+                        {
+                            "code": str(codes[c]),
+                            "rep": rep,
+                            "mode": mode,
+                            "seconds": seconds,
+                            "run_id": run_id,
+                            "used_server": server.api_url in output and "equi server" in output,
+                            "used_warm_cluster": "using the warm Dask cluster of `equi server`" in output,
+                            "table": table(results, run_id),
+                        }
+                    )
                     which = f"rep {rep}" if rep >= 0 else "warm-up"
-                    print(f"{which} {mode:<10} {seconds:7.1f} s  ({run_id})", flush=True)
+                    print(f"{which} {mode:<10} {seconds:7.1f} s  ({run_id}; code {codes[c]})", flush=True)
     tables = {json.dumps(r.pop("table")) for r in runs}
-    timed = [r for r in runs if r["rep"] >= 0]
-    median = {m: statistics.median(r["seconds"] for r in timed if r["mode"] == m) for m in MODES}
-    ratio = median["warm"] / median["in_process"]
-    cold_startup = median["cold"] - median["in_process"]
-    warm_used = all(r["used_server"] for r in runs if r["mode"] == "warm")
-    warm_cluster = all(r["used_warm_cluster"] for r in runs if r["mode"] == "warm")
     print(
         f"workload: {args.config.name}, {args.images} images, steps capped at {args.steps or 'the demo values'}; "
-        f"{args.workers} workers; {args.reps} repetition(s) after {args.warmup} warm-up round(s); code {code}"
+        f"{args.workers} workers; {args.reps} repetition(s) after {args.warmup} warm-up round(s)"
     )
-    for m in MODES:
-        print(f"median {m:<10} {median[m]:7.1f} s")
-    print(f"warm runs used the running `equi server`: {'yes' if warm_used else 'no'}")
-    print(f"warm runs used its warm Dask cluster: {'yes' if warm_cluster else 'no'}")
+    per_code = {}
+    for code in codes:
+        timed = [r for r in runs if r["rep"] >= 0 and r["code"] == str(code)]
+        median = {m: statistics.median(r["seconds"] for r in timed if r["mode"] == m) for m in MODES}
+        warm = [r for r in timed if r["mode"] == "warm"]
+        per_code[str(code)] = {
+            "median_s": median,
+            "warm_ratio": median["warm"] / median["in_process"],
+            "cold_startup_s": median["cold"] - median["in_process"],
+            "warm_used_server": all(r["used_server"] for r in warm),
+            "warm_used_cluster": all(r["used_warm_cluster"] for r in warm),
+        }
+        f = per_code[str(code)]
+        print(f"code {code}:")
+        for m in MODES:
+            print(f"  median {m:<10} {median[m]:7.1f} s")
+        print(f"  warm runs used the running `equi server`: {'yes' if f['warm_used_server'] else 'no'}")
+        print(f"  warm runs used its warm Dask cluster: {'yes' if f['warm_used_cluster'] else 'no'}")
+        print(
+            f"  warm / in process {f['warm_ratio']:.2f}x (target <= 1.15x); cold start-up {f['cold_startup_s']:.1f} s "
+            "(target <= 15 s)"
+        )
     print(f"results tables identical across all runs: {'yes' if len(tables) == 1 else 'NO'}")
-    print(f"warm / in process {ratio:.2f}x (target <= 1.15x); cold start-up {cold_startup:.1f} s (target <= 15 s)")
-    out = {"runs": runs, "median_s": median, "warm_ratio": ratio, "cold_startup_s": cold_startup}
-    return finish(out, args.json_out, f"overhead={ratio:.2f} cold_startup_s={cold_startup:.1f}")
+    last = per_code[str(codes[-1])]
+    out = {"runs": runs, "codes": per_code, **{k: last[k] for k in ("median_s", "warm_ratio", "cold_startup_s")}}
+    label = "" if len(codes) == 1 else " (the last --code)"
+    print(f"figures of the last line{label}: {codes[-1]}")
+    return finish(out, args.json_out, f"overhead={last['warm_ratio']:.2f} cold_startup_s={last['cold_startup_s']:.1f}")
 
 
 if __name__ == "__main__":

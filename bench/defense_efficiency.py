@@ -64,7 +64,7 @@ class Setting:
     flops: int = 0
     seconds: list[float] = field(default_factory=list)
     passes_seconds: list[float] = field(default_factory=list)  # the model passes alone (Case.passes_alone)
-    passes_flops: float = 0.0
+    passes_flops: int = 0
 
     @property
     def median_s(self) -> float:
@@ -93,6 +93,7 @@ class Case:
         from equicore.defenses import build_defense
 
         self.defense = build_defense(entry.name, **params).with_attack_eps(cfg.resolved_reference_eps())
+        self.pass_shapes: list[tuple[int, ...]] = []  # the batches one purify call feeds the model (count_flops)
 
     def purify(self) -> tuple[torch.Tensor, float]:
         t0 = time.perf_counter()
@@ -103,7 +104,7 @@ class Case:
         """FLOPs of one purify call (also the warm-up); records the batch shapes its model passes see."""
         adapter = self.rt.adapter
         features = adapter.features
-        self.pass_shapes: list[tuple[int, ...]] = []
+        self.pass_shapes = []
 
         def recording(x: torch.Tensor) -> torch.Tensor:
             self.pass_shapes.append(tuple(x.shape))
@@ -117,24 +118,30 @@ class Case:
             del adapter.features  # the class's method again
         return counter.get_total_flops(), out
 
-    def passes_alone(self) -> tuple[float, float]:
-        """The model passes of one purify call and nothing else: the same feature extractor on inputs of the same
-        shapes, forward and backward w.r.t. the input, no views, objective or update. Seconds and FLOPs: the bound any
-        implementation of the defense reaches with this model and convolution library."""
+    def _run_passes(self, inputs: list[torch.Tensor]) -> None:
+        for x in inputs:
+            leaf = x.clone().requires_grad_(True)
+            # through one op, as purify's passes are (the views are computed from the image, never leaves)
+            torch.autograd.grad(self.rt.adapter.features(leaf * 1.0).sum(), leaf)
+
+    def pass_inputs(self) -> list[torch.Tensor]:
         g = torch.Generator().manual_seed(0)
-        inputs = [torch.rand(shape, generator=g) for shape in self.pass_shapes]
+        return [torch.rand(shape, generator=g) for shape in self.pass_shapes]
 
-        def run() -> None:
-            for x in inputs:
-                leaf = x.clone().requires_grad_(True)
-                # through one op, as purify's passes are (the views are computed from the image, never leaves)
-                torch.autograd.grad(self.rt.adapter.features(leaf * 1.0).sum(), leaf)
-
+    def count_pass_flops(self) -> int:
+        """FLOPs of the model passes alone (:meth:`passes_alone`), counted once; also their warm-up."""
         with FlopCounterMode(display=False) as counter:
-            run()
+            self._run_passes(self.pass_inputs())
+        return counter.get_total_flops()
+
+    def passes_alone(self) -> float:
+        """Seconds of the model passes of one purify call and nothing else: the same feature extractor on inputs of the
+        same shapes, forward and backward w.r.t. the input, no views, objective or update; the bound any
+        implementation of the defense reaches with this model and convolution library."""
+        inputs = self.pass_inputs()
         t0 = time.perf_counter()
-        run()
-        return time.perf_counter() - t0, float(counter.get_total_flops())
+        self._run_passes(inputs)
+        return time.perf_counter() - t0
 
 
 def sgemm_flops_per_s(n: int, repeats: int) -> float:
@@ -167,15 +174,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     outputs: dict[tuple[str, str], torch.Tensor] = {}
     for key, case in cases.items():  # FLOPs of one call per setting; the call doubles as the warm-up
         settings[key].flops, outputs[key] = case.count_flops()
+        settings[key].passes_flops = case.count_pass_flops()
     sgemm: list[float] = []
     for _ in range(args.rounds):
         for model, _cfg in CASES:
             sgemm.append(sgemm_flops_per_s(args.mm_size, args.mm_repeats))
             for graph in GRAPHS:
                 settings[(model, graph)].seconds.append(cases[(model, graph)].purify()[1])
-                seconds, flops = cases[(model, graph)].passes_alone()
-                settings[(model, graph)].passes_seconds.append(seconds)
-                settings[(model, graph)].passes_flops = flops
+                settings[(model, graph)].passes_seconds.append(cases[(model, graph)].passes_alone())
     peak = statistics.median(sgemm)
     summary: dict[str, Any] = {
         "torch": torch.__version__,

@@ -88,12 +88,12 @@ def seconds_per_pass(rt: Any, n_images: int = 4, repeats: int = 3) -> float:
 
 def dry_run(cfg: RunConfig, estimate_seconds: bool = True) -> dict[str, Any]:
     """The plan of ``cfg`` as a dict: per attack and (attack, defense) its shards done / to compute and passes."""
-    from tasks.runtime import build_runtime, plan_shards
+    from tasks.runtime import build_runtime
     from tasks.units import plan_units
 
     rt = build_runtime(cfg)
     units = plan_units(rt)
-    sizes = [len(s) for s in plan_shards(rt.indices, cfg.shard_size)]
+    sizes = rt.shard_sizes()
     rows = plan_rows(cfg, units, sizes)
     total = sum(r.passes_to_compute for r in rows)
     out: dict[str, Any] = {

@@ -18,7 +18,7 @@ from storage.cache import AdversarialCache
 from storage.errors import DiskFullError
 from storage.run_store import RunStore
 from tasks.config import ConfigError, RunConfig
-from tasks.runtime import Runtime, plan_shards
+from tasks.runtime import Runtime
 from tasks.shard_steps import attack_shard, defend_shard
 from tasks.unit_cost import measure_passes
 
@@ -133,7 +133,7 @@ def execute_with_prefect(
             else bool(gpus and not cfg.cluster.address)
         )
         runner = make_task_runner(cfg, early.take if early is not None else None)
-        plan = plan.prioritised([len(s) for s in plan_shards(rt.indices, cfg.shard_size)], measure_passes(cfg))
+        plan = plan.prioritised(rt.shard_sizes(), measure_passes(cfg))
         progress.CALLBACK[0] = on_done
         settings: dict[str, Any] = {"distributed.scheduler.allowed-failures": ALLOWED_WORKER_DEATHS}
         if cfg.cluster.address:  # a scheduler that stops answering fails the run instead of hanging it

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, SkipValidation, model_seriali
 from storage.cache import AdversarialCache
 from storage.errors import CacheCorruptError, CacheMissError, ResultCorruptError
 from storage.run_store import RunStore
+from tasks.unit_cost import submission_priorities
 from tasks.units import AttackUnit, DefendUnit, RunUnits, UnitSpec
 
 Outcome = dict[AttackUnit | DefendUnit, tuple[str, str]]  # unit -> ("ok" | "failed", message)
@@ -38,8 +39,6 @@ class WorkPlan(BaseModel):
 
     def prioritised(self, shard_sizes: list[int], measure: float) -> WorkPlan:
         """The same plan with the cluster's priorities: the longest chain of work first."""
-        from tasks.unit_cost import submission_priorities
-
         ranks = submission_priorities(self.attack_units, self.defend_units, shard_sizes, measure)
         return self.model_copy(update={"priorities": ranks})
 

@@ -47,16 +47,20 @@ def evaluation_flow(
     annotations = {"resources": {"GPU": 1}} if use_gpus else {}
     futures: dict[Any, AttackUnit | DefendUnit] = {}
     attack_futs: dict[AttackUnit, Any] = {}
-    # Each unit with its priority: the longest chains of work start first, short units fill the end.
+
+    def annotated(unit: AttackUnit | DefendUnit):
+        """Each unit with its priority: the longest chains of work start first, short units fill the end."""
+        return dask.annotate(priority=plan.priorities.get(unit, 0), **annotations)
+
     for unit in plan.attack_units:
-        with dask.annotate(priority=plan.priorities.get(unit, 0), **annotations):
+        with annotated(unit):
             fut = attack_task.submit(cfg_json, unit, torch_threads)
         attack_futs[unit] = fut
         futures[fut] = unit
     for unit in plan.defend_units:
         upstream = attack_futs.get(unit.upstream)  # None: its images are clean or cached before this run
         wait_for = [upstream] if upstream is not None else None
-        with dask.annotate(priority=plan.priorities.get(unit, 0), **annotations):
+        with annotated(unit):
             fut = defend_task.submit(cfg_json, store, unit, torch_threads, wait_for=wait_for)
         futures[fut] = unit
     outcome: Outcome = {}

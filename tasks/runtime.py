@@ -71,6 +71,10 @@ class Runtime:
     def task(self) -> str:
         return self.dataset.task
 
+    def shard_sizes(self) -> list[int]:
+        """Images per shard, in shard order (:func:`plan_shards`)."""
+        return [len(s) for s in plan_shards(self.indices, self.cfg.shard_size)]
+
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, Any, list[str]]:
         images, targets, ids = collate([self.dataset[i] for i in indices])
         if isinstance(targets, torch.Tensor):

@@ -75,23 +75,16 @@ def submission_priorities(
     worker finishes a long defense alone; ranked, they fill the end of the run. Ties keep the plan's order.
 
     The order changes no number: every unit's result depends only on its own inputs and seeds."""
-    specs: dict[Any, float] = {}  # passes per image, once per spec
+    pair_cost = {spec: pair_passes(spec, measure) for spec in {u.spec for u in defend_units}}  # per image
+    attack_cost = {spec: attack_passes(spec) for spec in {u.spec for u in attack_units}}
     rank: dict[AttackUnit | DefendUnit, float] = {}
+    waiting: dict[AttackUnit, float] = {}  # per attack shard, the longest defense shard waiting for it
     for unit in defend_units:
-        per_image = specs.get(unit.spec)
-        if per_image is None:
-            per_image = specs[unit.spec] = pair_passes(unit.spec, measure)
-        rank[unit] = per_image * shard_sizes[unit.shard]
-    waiting: dict[AttackUnit, float] = {}
-    for unit in defend_units:
-        upstream = unit.upstream
-        if upstream is not None:
+        rank[unit] = pair_cost[unit.spec] * shard_sizes[unit.shard]
+        if (upstream := unit.upstream) is not None:
             waiting[upstream] = max(waiting.get(upstream, 0.0), rank[unit])
     for unit in attack_units:
-        per_image = specs.get(unit.spec)
-        if per_image is None:
-            per_image = specs[unit.spec] = attack_passes(unit.spec)
-        rank[unit] = per_image * shard_sizes[unit.shard] + waiting.get(unit, 0.0)
+        rank[unit] = attack_cost[unit.spec] * shard_sizes[unit.shard] + waiting.get(unit, 0.0)
     plan_order = [*attack_units, *defend_units]
     ordered = sorted(range(len(plan_order)), key=lambda i: (-rank[plan_order[i]], i))
     return {plan_order[i]: len(ordered) - position for position, i in enumerate(ordered)}

@@ -12,7 +12,7 @@ from flows.planning import plan_work
 from storage.cache import AdversarialCache
 from storage.run_store import RunStore
 from tasks.config import parse_config
-from tasks.runtime import build_runtime, plan_shards
+from tasks.runtime import build_runtime
 from tasks.unit_cost import attack_passes, measure_passes, pair_passes, submission_priorities
 from tasks.units import AttackUnit, DefendUnit, plan_units
 from tests.pipeline_helpers import table_rows, tiny_config
@@ -24,7 +24,7 @@ def planned(tmp_path: Path, **over):
     rt = build_runtime(cfg)
     units = plan_units(rt)
     plan = plan_work(units, RunStore(cfg.results_dir, cfg.run_id()), AdversarialCache(cfg.cache_dir))
-    return plan, [len(s) for s in plan_shards(rt.indices, cfg.shard_size)], measure_passes(cfg)
+    return plan, rt.shard_sizes(), measure_passes(cfg)
 
 
 def test_costs_follow_the_declared_budgets(tmp_path: Path) -> None:
